@@ -1,0 +1,133 @@
+"""Prompt-accuracy checker for the demo grammar: decides from an image whether each attribute
+of its caption (colour, shape, size, position, count) holds. Deterministic, no learned parts."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import ndimage
+
+from compress.demo.shapes import COLORS, POSITIONS, parse_caption
+
+ATTRIBUTES = ("color", "shape", "size", "position", "count")
+_PALETTE_NAMES = list(COLORS)
+_PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
+_CELL = {v: k for k, v in POSITIONS.items()}
+
+# Thresholds in normalised units (fractions of the image side), set from the generator's geometry:
+# small objects span ~0.17 of the side, large ~0.31; fill over the bounding box is 1.0 for a
+# square, 0.79 for a circle and 0.5 to 0.72 for a triangle or a diamond (small ones read fuller at 32 px); a triangle's vertical skew is
+# about -0.57, a diamond's 0.
+_SIZE_SPLIT = 0.24
+_FILL_SQUARE = 0.9
+_FILL_CIRCLE = 0.75
+_SKEW_TRIANGLE = 0.25
+_MIN_AREA = 0.004
+_FG_DIST = 40.0
+
+
+def _to_array(image) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    arr = arr.astype(np.float32)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
+    if arr.max() <= 1.0 + 1e-6:  # float images in [0, 1]
+        arr = arr * 255.0
+    return arr
+
+
+def detect(image) -> list[dict]:
+    """Find the objects in an image and describe each (colour, shape, size, position)."""
+    img = _to_array(image)
+    h, w, _ = img.shape
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(img - bg, axis=2)
+    labels, n = ndimage.label(dist > _FG_DIST, structure=np.ones((3, 3)))
+    objects = []
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    for idx in range(1, n + 1):
+        comp = labels == idx
+        if comp.sum() < _MIN_AREA * h * w:
+            continue
+        d = dist[comp]
+        core = comp & (dist >= np.quantile(d, 0.5))
+        color = img[core].mean(axis=0)
+        # soft coverage: how far each pixel sits on the line from background to object colour
+        region = ndimage.binary_dilation(comp, iterations=1)
+        axis = color - bg
+        alpha = ((img - bg) @ axis) / max(float(axis @ axis), 1e-6)
+        alpha = np.clip(alpha, 0.0, 1.0) * region
+        solid = alpha > 0.5
+        if not solid.any():
+            continue
+        rows = np.where(solid.any(axis=1))[0]
+        cols = np.where(solid.any(axis=0))[0]
+        # soft extents: a partly covered edge column counts by its coverage (sub-pixel accurate)
+        bw = alpha.max(axis=0).sum() / w
+        bh = alpha.max(axis=1).sum() / h
+        area = alpha.sum() / (h * w)
+        fill = area / max(bw * bh, 1e-6)
+        wsum = alpha.sum()
+        my = (alpha * ys).sum() / wsum
+        var = (alpha * (ys - my) ** 2).sum() / wsum
+        skew = (alpha * (ys - my) ** 3).sum() / wsum / max(var, 1e-6) ** 1.5
+        if fill >= _FILL_SQUARE:
+            shape = "square"
+        elif fill >= _FILL_CIRCLE:
+            shape = "circle"
+        elif skew < -_SKEW_TRIANGLE:
+            shape = "triangle"
+        else:
+            shape = "diamond"
+        cx = (cols[0] + cols[-1] + 1) / 2 / w
+        cy = (rows[0] + rows[-1] + 1) / 2 / h
+        cell = (min(int(cx * 3), 2), min(int(cy * 3), 2))
+        name = _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - color, axis=1)))]
+        objects.append(
+            {
+                "color": name,
+                "shape": shape,
+                "size": "large" if max(bw, bh) > _SIZE_SPLIT else "small",
+                "position": _CELL[cell],
+                "area": float(area),
+                "fill": float(fill),
+                "skew": float(skew),
+            }
+        )
+    return objects
+
+
+def check(image, caption: str) -> dict[str, bool]:
+    """Per-attribute verdicts for one image and its caption, plus ``all`` (every attribute holds)."""
+    wanted = parse_caption(caption)
+    found = detect(image)
+    verdict = {"count": len(found) == len(wanted)}
+    keys = ("color", "shape", "size", "position")
+    best, best_score = None, -1
+    # pair each captioned object with a distinct detected one, maximising agreement
+    k = min(len(wanted), len(found))
+    for perm in itertools.permutations(range(len(found)), k):
+        score = sum(wanted[i][a] == found[j][a] for i, j in enumerate(perm) for a in keys)
+        if score > best_score:
+            best, best_score = perm, score
+    for a in keys:
+        hits = 0
+        if best is not None:
+            hits = sum(wanted[i][a] == found[j][a] for i, j in enumerate(best))
+        verdict[a] = hits == len(wanted)
+    verdict["all"] = all(verdict[a] for a in ATTRIBUTES)
+    return verdict
+
+
+def accuracy(images, captions) -> dict[str, float]:
+    """Fraction of images for which each attribute (and ``all``) holds."""
+    totals = dict.fromkeys((*ATTRIBUTES, "all"), 0)
+    n = 0
+    for img, cap in zip(images, captions, strict=True):
+        v = check(img, cap)
+        for key in totals:
+            totals[key] += bool(v[key])
+        n += 1
+    return {key: val / max(n, 1) for key, val in totals.items()}
