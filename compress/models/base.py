@@ -57,11 +57,22 @@ class FamilyAdapter:
     def call(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the transformer on captured inputs and return its main output tensor."""
         kwargs = dict(kwargs)
-        kwargs["return_dict"] = False
+        if _accepts(transformer, "return_dict"):
+            kwargs["return_dict"] = False
         out = transformer(*args, **kwargs)
         while isinstance(out, (tuple, list)):
             out = out[0]
         return out
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
 
 
 @dataclass

@@ -1,0 +1,193 @@
+"""The dit-compress command: run, calibrate, eval, compare, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from compress.errors import GateFailed, UserError
+
+EPILOG = """exit codes: 0 ok, 1 a quality gate failed or an internal error, 2 bad input.
+examples:
+  dit-compress run recipes/w8.yaml --out ./demo-w8
+  dit-compress run recipes/w4-g64.yaml --model ./my-pixart --out ./pixart-w4 --set eval.num_prompts=8
+  dit-compress compare ./demo-w8 ./demo-w4 --plot pareto.png
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dit-compress", description="Post-training compression for Diffusion Transformers.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="log more, show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def model_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="demo",
+                       help="diffusers pipeline or transformer dir, or 'demo' (default)")
+
+    p = sub.add_parser("run", help="run a recipe on a model and write the compressed output")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    model_arg(p)
+    p.add_argument("--out", required=True, help="output directory (must be empty or new)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. passes.0.ptq.weights.bits=6 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root")
+
+    p = sub.add_parser("calibrate", help="capture calibration inputs into the cache")
+    model_arg(p)
+    p.add_argument("--prompts", default="auto", help="prompt file (txt, jsonl, tsv, json, dataset)")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("eval", help="compare a compressed output with its original model")
+    p.add_argument("output", help="a directory written by `dit-compress run`")
+    p.add_argument("--prompts", default="auto")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--model", default=None, help="the original (default: the manifest's source)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+    p = sub.add_parser("compare", help="one table across outputs, and a quality/bits plot")
+    p.add_argument("outputs", nargs="+", help="output dirs or report.json files")
+    p.add_argument("--out", default=None, help="write the table to this markdown file")
+    p.add_argument("--plot", default="compare.png", help="PNG plot path (default compare.png)")
+
+    p = sub.add_parser("inspect", help="family, blocks, parameters per role, Linear names")
+    p.add_argument("model", nargs="?", default="demo")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return ap
+
+
+def _cmd_run(a) -> int:
+    from compress.report import summary_lines
+    from compress.runner import run_recipe
+
+    try:
+        report = run_recipe(a.recipe, a.model, a.out, overrides=a.set, device=a.device,
+                            force=a.force, cache_dir=a.cache_dir)
+    except GateFailed as exc:
+        report = exc.args[1]
+        print("\n".join(summary_lines(report)))
+        print(f"wrote {a.out}")
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {a.out} (report: {Path(a.out) / 'report.html'})")
+    return 0
+
+
+def _cmd_calibrate(a) -> int:
+    from compress.calib.capture import capture
+    from compress.models import load_model
+    from compress.runner import family_defaults, resolve_prompts
+
+    handle = load_model(a.model, device=a.device)
+    d = family_defaults(handle)
+    prompts = resolve_prompts(a.prompts, handle, "calibration", a.num_prompts)
+    cs = capture(handle, prompts, seeds=[a.seed + i for i in range(len(prompts))],
+                 steps=a.steps or d["steps"],
+                 guidance=a.guidance if a.guidance is not None else d["guidance"],
+                 resolution=a.resolution or d["resolution"],
+                 cache_dir=Path(a.cache_dir) if a.cache_dir else None, device=a.device)
+    print(f"{len(cs)} transformer calls captured from {len(prompts)} prompts -> {cs.root}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from compress.io.load import load_pipeline
+    from compress.io.manifest import read_manifest
+    from compress.metrics.evaluate import quality, sample_images, teacher_images
+    from compress.models import load_model
+    from compress.models.base import ModelHandle
+    from compress.runner import _is_demo, family_defaults, resolve_prompts
+
+    out = Path(a.output)
+    manifest = read_manifest(out / "transformer")
+    source = a.model or manifest["source"]["path"]
+    if source is None:
+        raise UserError(f"{out}: the manifest names no source model; pass --model")
+    teacher_h = load_model(source)
+    d = family_defaults(teacher_h)
+    prompts = resolve_prompts(a.prompts, teacher_h, "eval", a.num_prompts)
+    seeds = [a.seed + i for i in range(len(prompts))]
+    cache = Path(a.cache_dir) if a.cache_dir else None
+    t = teacher_images(teacher_h, prompts, seeds, cache_dir=cache, **d)
+    pipe = load_pipeline(out)
+    student_h = ModelHandle(transformer=pipe.transformer, adapter=teacher_h.adapter, pipeline=pipe,
+                            source=teacher_h.source)
+    s = sample_images(student_h, prompts, seeds, **d)
+    q = quality(t, s, prompts, demo=_is_demo(teacher_h))
+    for k, v in q.items():
+        if not isinstance(v, dict):
+            print(f"{k:28s} {v if v is None else round(v, 4)}")
+    if a.json:
+        from compress.report import to_jsonable
+
+        Path(a.json).write_text(json.dumps(to_jsonable(q), indent=2, allow_nan=False))
+    return 0
+
+
+def _cmd_compare(a) -> int:
+    from compress.report.compare import compare
+
+    table = compare(a.outputs, out_md=a.out, plot=a.plot)
+    print(table)
+    if a.plot:
+        print(f"plot: {a.plot}")
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from compress.models import load_model
+    from compress.models.inspect import format_inspect, inspect_model
+
+    d = inspect_model(load_model(a.model))
+    print(json.dumps(d, indent=2) if a.json else format_inspect(d))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not a.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
+                "compare": _cmd_compare, "inspect": _cmd_inspect}[a.cmd](a)
+    except UserError as exc:
+        if a.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line, traceback with -v
+        if a.verbose:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (re-run with -v for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

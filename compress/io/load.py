@@ -1,0 +1,93 @@
+"""Load a dit-compress output: rebuild the transformer's modules on an empty model from the
+manifest, then load the stored tensors into them (no full-precision copy of quantised layers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from compress.errors import UserError
+from compress.io.manifest import MANIFEST, read_manifest
+from compress.io.save import WEIGHTS
+
+
+def _state_dict(tdir: Path) -> dict[str, torch.Tensor]:
+    index = tdir / f"{WEIGHTS}.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file() else [WEIGHTS]
+    )
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        p = tdir / f
+        if not p.is_file():
+            raise UserError(f"{p}: missing weights file; the output is incomplete")
+        try:
+            sd.update(load_file(str(p)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"{p}: unreadable safetensors file ({exc}); re-run the recipe") from None
+    return sd
+
+
+def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The compressed transformer alone, from a ``transformer/`` dir (or a transformer-only output)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from compress.registry import get_pass
+
+    tdir = Path(tdir)
+    manifest = read_manifest(tdir)
+    cls = getattr(diffusers, manifest["transformer_class"], None)
+    if cls is None:
+        raise UserError(f"{tdir}: transformer class {manifest['transformer_class']} is unknown "
+                        "to this diffusers version")
+    config = cls.load_config(tdir)
+    with init_empty_weights(include_buffers=False):
+        tr = cls.from_config(config)
+    for p in manifest["passes"]:
+        defn = get_pass(p["name"])
+        cfg = defn.config.model_validate(p["config"])
+        defn.restore(tr, cfg, p["meta"])
+    sd = _state_dict(tdir)
+    missing, unexpected = tr.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(
+            f"{tdir}: weights do not match the manifest (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); the output is damaged or from another version"
+        )
+    still_meta = [n for n, t in list(tr.named_parameters()) + list(tr.named_buffers())
+                  if t.device.type == "meta"]
+    if still_meta:
+        raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
+    return tr.to(device).eval()
+
+
+def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):
+    """A compressed output as a diffusers pipeline (or the transformer alone if that is all it holds).
+
+    Args:
+        out: a directory written by ``dit-compress run``.
+        device: where to put the pipeline.
+
+    Returns:
+        The diffusers pipeline with the compressed transformer inside; for a transformer-only
+        output, the transformer module.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"{out}: no such directory")
+    if (out / "model_index.json").is_file():
+        tdir = out / "transformer"
+        if not (tdir / MANIFEST).is_file():
+            raise UserError(f"{out}: no transformer/{MANIFEST}; not a dit-compress output")
+        tr = load_transformer(tdir, device)
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    return load_transformer(out, device)

@@ -1,0 +1,142 @@
+"""Write a compressed model: pipeline components, transformer weights, manifest, recipe, report.
+
+Everything goes into a temporary sibling of ``out`` that is renamed into place at the end, so an
+interrupted run leaves nothing half-written; an existing non-empty ``out`` is refused unless
+``force``; the input model is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from compress.errors import UserError
+from compress.io.manifest import MANIFEST
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_BYTES = 4 * 1024**3
+
+
+def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse an output that would overwrite the input or an existing non-empty directory."""
+    out = Path(out)
+    if source is not None:
+        src = Path(source).resolve()
+        o = out.resolve()
+        if o == src or src in o.parents or o in src.parents:
+            raise UserError(f"--out {out}: overlaps the input model {source}; choose another path")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            _link_or_copy(child, dst / child.name)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_transformer_weights(transformer: torch.nn.Module, tdir: Path) -> int:
+    """Save the state dict as safetensors shards; returns the bytes of tensor data written."""
+    sd = {}
+    seen: dict[int, str] = {}
+    for k, v in transformer.state_dict().items():
+        if v.device.type == "meta":
+            raise RuntimeError(f"tensor {k} is still on the meta device")
+        ptr = v.data_ptr()
+        # safetensors refuses shared storage: store a private copy of a tied tensor
+        sd[k] = v.detach().contiguous().clone() if ptr in seen else v.detach().contiguous()
+        seen[ptr] = k
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    if total <= SHARD_BYTES:
+        save_file(sd, str(tdir / WEIGHTS), metadata={"format": "pt"})
+        return total
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        b = v.numel() * v.element_size()
+        if size + b > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += b
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tdir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tdir / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def write_output(
+    out: Path,
+    *,
+    handle,
+    manifest: dict,
+    recipe_yaml: str,
+    write_extras: Callable[[Path], None] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the whole output directory atomically. ``write_extras(tmp)`` adds report files."""
+    out = Path(out)
+    check_out_dir(out, force, handle.source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        is_pipeline = handle.pipeline is not None
+        if is_pipeline:
+            _copy_pipeline_components(handle, tmp)
+            tdir = tmp / "transformer"
+        else:
+            tdir = tmp
+        if tdir.exists():
+            shutil.rmtree(tdir)
+        tdir.mkdir(parents=True)
+        if hasattr(handle.transformer, "save_config"):
+            handle.transformer.save_config(tdir)
+        save_transformer_weights(handle.transformer, tdir)
+        (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if write_extras is not None:
+            write_extras(tmp)
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_pipeline_components(handle, tmp: Path) -> None:
+    src = handle.source
+    if src is not None and str(src) == "demo":
+        from compress.demo import materialize_demo
+
+        materialize_demo(tmp)
+        return
+    src = Path(src)
+    for child in src.iterdir():
+        if child.name in ("transformer", "recipe.yaml") or child.name.startswith("report."):
+            continue
+        _link_or_copy(child, tmp / child.name)

@@ -1,0 +1,1 @@
+"""Compression passes, one per file; each registers itself in compress.registry on import."""

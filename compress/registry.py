@@ -1,0 +1,66 @@
+"""The pass registry: a plain dict from pass name to its definition, filled by explicit imports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass
+class PassResult:
+    """What a pass returns.
+
+    meta: JSON-able data that, with the config, rebuilds the changed structure on an empty model.
+    report: JSON-able pass-specific figures for report.json (``passes[i]``).
+    """
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassDef:
+    """A registered pass.
+
+    apply(handle, calib, cfg) -> PassResult changes handle.transformer in place (it may train).
+    restore(transformer, cfg, meta) rebuilds the structure on an empty (meta-device) model.
+    kind: "structural" (changes shapes or block counts: pruning, MoE), "weights" (changes values
+        only: distillation) or "format" (changes storage: PTQ, VQ). The recipe validator refuses
+        a structural pass after a format pass.
+    needs_calibration: whether apply reads the CalibrationSet (otherwise it may be None).
+    """
+
+    name: str
+    config: type[BaseModel]
+    apply: Callable[..., PassResult]
+    restore: Callable[..., None]
+    kind: str
+    needs_calibration: bool = True
+
+
+PASSES: dict[str, PassDef] = {}
+
+
+def register_pass(defn: PassDef) -> PassDef:
+    if defn.name in PASSES:
+        raise ValueError(f"pass {defn.name!r} registered twice")
+    PASSES[defn.name] = defn
+    return defn
+
+
+def get_pass(name: str) -> PassDef:
+    _load_builtin()
+    return PASSES[name]
+
+
+def all_passes() -> dict[str, PassDef]:
+    _load_builtin()
+    return PASSES
+
+
+def _load_builtin() -> None:
+    # explicit imports, no package walking: each module registers itself on import
+    from compress.passes import ptq  # noqa: F401

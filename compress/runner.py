@@ -1,0 +1,275 @@
+"""run_recipe: load -> calibrate -> passes -> evaluate -> save -> report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from compress.errors import GateFailed, UserError
+from compress.recipe import Recipe, gate_passes, load_recipe, parse_gate, validate
+from compress.registry import get_pass
+
+log = logging.getLogger("compress")
+
+CALIB_DIR = Path(__file__).resolve().parents[1] / "calibration_data"
+
+
+def _is_demo(handle) -> bool:
+    return handle.source is not None and str(handle.source) == "demo"
+
+
+def family_defaults(handle) -> dict[str, Any]:
+    """steps / guidance / resolution used when the recipe leaves them unset."""
+    if _is_demo(handle):
+        from compress.demo import DEMO_DEFAULTS
+
+        return {k: DEMO_DEFAULTS[k] for k in ("steps", "guidance", "resolution")}
+    return {"steps": 8, "guidance": None, "resolution": None}
+
+
+def resolve_prompts(spec: str, handle, kind: str, n: int) -> list[str]:
+    from compress.calib.prompts import load_prompts
+
+    if spec == "auto":
+        if _is_demo(handle):
+            name = "demo_calibration.txt" if kind == "calibration" else "demo_eval.txt"
+        else:
+            name = "general_prompts.txt"
+        path = CALIB_DIR / name
+    else:
+        path = Path(spec)
+        if not path.exists() and (CALIB_DIR.parent / spec).exists():
+            path = CALIB_DIR.parent / spec
+    prompts = load_prompts(path)
+    if kind == "eval" and spec == "auto" and not _is_demo(handle):
+        prompts = prompts[::-1]  # keep general eval prompts apart from the calibration ones
+    return prompts[:n]
+
+
+def count_params(tr: nn.Module) -> int:
+    """Weights the module represents: parameters plus the logical weights of packed layers."""
+    total = sum(p.numel() for p in tr.parameters())
+    for m in tr.modules():
+        logical = getattr(m, "logical_weight_numel", None)
+        if logical is not None:
+            total += logical()
+        elif hasattr(m, "qweight") and hasattr(m, "in_features"):
+            total += m.in_features * m.out_features
+    return total
+
+
+def stored_bytes(tr: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tr.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def step_latency_ms(handle, calib, repeats: int) -> float | None:
+    from compress.metrics.timing import latency_ms_per_step
+
+    if calib is None or len(calib) == 0:
+        return None
+    s = calib.sample(0)
+
+    def step() -> None:
+        with torch.inference_mode():
+            handle.adapter.call(handle.transformer, s.args, s.kwargs)
+
+    return latency_ms_per_step(step, repeats=repeats, warmup=1)
+
+
+def _gates(recipe: Recipe, report: dict) -> dict[str, dict]:
+    values: dict[str, Any] = {}
+    for section in ("quality", "size", "speed"):
+        for k, v in (report.get(section) or {}).items():
+            if isinstance(v, (int, float)) or v is None:
+                values[k] = v
+    q = report.get("quality") or {}
+    if q.get("prompt_accuracy") is not None and q.get("teacher_prompt_accuracy") is not None:
+        values["prompt_accuracy_drop"] = q["teacher_prompt_accuracy"] - q["prompt_accuracy"]
+    sp = report.get("speed") or {}
+    if sp.get("latency_ms_per_step") and sp.get("baseline_latency_ms_per_step"):
+        values["speedup"] = sp["baseline_latency_ms_per_step"] / sp["latency_ms_per_step"]
+    out = {}
+    for name, expr in recipe.gates.items():
+        if name not in values:
+            raise UserError(
+                f"gate '{name}': no such figure in the report (known: {', '.join(sorted(values))})"
+            )
+        op, thr = parse_gate(expr)
+        val = values[name]
+        out[name] = {"value": val, "threshold": f"{op} {thr:g}", "passed": gate_passes(op, val, thr)}
+    return out
+
+
+def run_recipe(
+    recipe: Recipe | str | Path | dict,
+    model: str | Path | nn.Module = "demo",
+    out: str | Path | None = None,
+    *,
+    calibrate_fn=None,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+) -> dict:
+    """Run a recipe on a model, write the output directory, return the report.
+
+    Args:
+        recipe: a Recipe, a path to a recipe YAML, or raw recipe data.
+        model: "demo", a diffusers pipeline or transformer directory, or an nn.Module (then
+            ``calibrate_fn(module)`` must run it on representative inputs).
+        out: output directory (None: keep the result in memory only; the report is returned).
+        calibrate_fn: for an nn.Module, the callable that feeds it calibration inputs.
+        overrides: ``a.b.c=value`` strings applied to the recipe.
+        device: torch device for calibration, passes and evaluation.
+        force: replace a non-empty ``out``.
+        cache_dir: root of the calibration and teacher-image caches.
+
+    Returns:
+        The report (the content of report.json). Raises GateFailed after writing the output
+        when a gate fails.
+    """
+    from compress.calib.capture import capture, capture_generic
+    from compress.io.manifest import build_manifest
+    from compress.io.save import check_out_dir, write_output
+    from compress.metrics.timing import peak_rss_mb
+    from compress.models import load_model
+    from compress.models.base import ModelHandle
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe, overrides)
+    elif isinstance(recipe, dict):
+        from compress.recipe import apply_overrides
+
+        recipe = validate(apply_overrides(dict(recipe), overrides or [], "<recipe>"))
+    elif overrides:
+        from compress.recipe import apply_overrides
+
+        recipe = validate(apply_overrides(recipe.resolved(), overrides, "<recipe>"))
+
+    if isinstance(model, nn.Module):
+        from compress.models.generic import ADAPTER as GENERIC
+
+        handle = ModelHandle(transformer=model, adapter=GENERIC, calibrate_fn=calibrate_fn)
+    else:
+        handle = load_model(model, device=device)
+    if out is not None:
+        check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
+    torch.manual_seed(recipe.seed)
+    tr = handle.transformer
+    orig_params = count_params(tr)
+    orig_bytes = stored_bytes(tr)
+    defaults = family_defaults(handle) if handle.pipeline is not None else {}
+    cache = Path(cache_dir) if cache_dir else None
+
+    # calibration: the transformer's real inputs, captured once and cached
+    calib = None
+    cc = recipe.calibration
+    if handle.pipeline is not None:
+        prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
+        calib = capture(
+            handle, prompts,
+            seeds=[cc.seed + i for i in range(len(prompts))],
+            steps=cc.steps or defaults["steps"],
+            guidance=cc.guidance if cc.guidance is not None else defaults["guidance"],
+            resolution=cc.resolution or defaults["resolution"],
+            capture_steps=cc.capture_steps, cache_dir=cache, device=device,
+        )
+    elif calibrate_fn is not None:
+        calib = capture_generic(tr, calibrate_fn)
+    if any(get_pass(n).needs_calibration for n, _ in recipe.pass_specs()) and calib is None:
+        raise UserError("this recipe's passes need calibration data: pass calibrate_fn= for an nn.Module")
+
+    ev = recipe.eval
+    do_eval = ev.enabled and handle.pipeline is not None
+    teacher = eval_prompts = eval_seeds = None
+    gen_args: dict[str, Any] = {}
+    if do_eval:
+        from compress.metrics.evaluate import teacher_images
+
+        eval_prompts = resolve_prompts(ev.prompts, handle, "eval", ev.num_prompts)
+        eval_seeds = [ev.seed + i for i in range(len(eval_prompts))]
+        gen_args = {
+            "steps": ev.steps or defaults["steps"],
+            "guidance": ev.guidance if ev.guidance is not None else defaults["guidance"],
+            "resolution": ev.resolution or defaults["resolution"],
+        }
+        teacher = teacher_images(handle, eval_prompts, eval_seeds, cache_dir=cache, **gen_args)
+    base_latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
+
+    pass_entries, manifest_passes = [], []
+    for name, cfg in recipe.pass_specs():
+        defn = get_pass(name)
+        log.info("pass %s", name)
+        t0 = time.perf_counter()
+        result = defn.apply(handle, calib, cfg)
+        secs = time.perf_counter() - t0
+        pass_entries.append({"name": name, "seconds": round(secs, 3), **result.report})
+        manifest_passes.append({"name": name, "config": cfg.model_dump(mode="json"),
+                                "meta": result.meta})
+    tr = handle.transformer
+    tr.eval()
+
+    quality: dict[str, Any] = {"psnr_vs_teacher": None, "ssim_vs_teacher": None,
+                               "prompt_accuracy": None, "teacher_prompt_accuracy": None}
+    student = None
+    if do_eval:
+        from compress.metrics.evaluate import quality as quality_of
+        from compress.metrics.evaluate import sample_images
+
+        student = sample_images(handle, eval_prompts, eval_seeds, **gen_args)
+        quality.update(quality_of(teacher, student, eval_prompts, demo=_is_demo(handle)))
+    latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
+
+    new_bytes = stored_bytes(tr)
+    report: dict[str, Any] = {
+        "schema": 1,
+        "recipe": recipe.resolved(),
+        "recipe_hash": recipe.hash(),
+        "model": {"path": str(handle.source) if handle.source else None,
+                  "family": handle.family, "params": orig_params,
+                  "class": type(tr).__name__, "original_bytes": orig_bytes},
+        "passes": pass_entries,
+        "size": {"params_total": count_params(tr), "params_active": count_params(tr),
+                 "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_params,
+                 "compression_ratio": orig_bytes / max(new_bytes, 1)},
+        "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
+                  "peak_rss_mb": peak_rss_mb(), "device": str(device)},
+        "quality": quality,
+        "eval": {"prompts": eval_prompts, "seeds": eval_seeds, **gen_args} if do_eval else None,
+    }
+    report["gates"] = _gates(recipe, report)
+
+    if out is not None:
+        from compress.report import write_report
+
+        manifest = build_manifest(handle, recipe.resolved(), recipe.hash(), manifest_passes)
+        write_output(
+            Path(out), handle=handle, manifest=manifest,
+            recipe_yaml=yaml.safe_dump(recipe.resolved(), sort_keys=False),
+            write_extras=lambda d: write_report(d, report, teacher, student, eval_prompts),
+            force=force,
+        )
+    report["_student_images"] = student
+    failed = [k for k, g in report["gates"].items() if not g["passed"]]
+    if failed:
+        raise GateFailed(
+            "gate failed: " + ", ".join(
+                f"{k} = {report['gates'][k]['value']} (needs {report['gates'][k]['threshold']})"
+                for k in failed
+            ),
+            report,
+        )
+    return report

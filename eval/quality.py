@@ -1,0 +1,64 @@
+"""Quality table: run several recipes (and peer tools) on one model with the same calibration
+and evaluation prompts and seeds, then print one table.
+
+    python eval/quality.py recipes/w8.yaml recipes/w4-g64.yaml --model demo
+    python eval/quality.py recipes/w8a8.yaml --peers quanto-w8a8,quanto-w4,bnb-nf4 --num-prompts 64
+
+Columns: bits per weight, stored bytes, PSNR / SSIM / Fréchet distance against the original's
+images, prompt accuracy (demo), latency per denoising step, compression seconds. Every recipe
+shares the calibration and evaluation settings given here (they override the recipe's), so the
+original's images are sampled once (cached) and every row sees the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", nargs="*", help="recipe YAML files")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--work", type=Path, default=Path("runs/quality"), help="where outputs go")
+    ap.add_argument("--num-prompts", type=int, default=64, help="evaluation prompts")
+    ap.add_argument("--calib-prompts", type=int, default=None, help="override calibration prompts")
+    ap.add_argument("--peers", default="", help="comma list of peer schemes (see eval/peers.py)")
+    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
+    ap.add_argument("--plot", default=None, help="quality vs bits plot (PNG)")
+    a = ap.parse_args()
+
+    import compress
+    from compress.errors import GateFailed
+    from compress.report.compare import compare
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    outs = []
+    common = [f"eval.num_prompts={a.num_prompts}", "gates={}"]
+    if a.calib_prompts:
+        common.append(f"calibration.num_prompts={a.calib_prompts}")
+    for r in a.recipes:
+        out = a.work / Path(r).stem
+        print(f"== {r}", flush=True)
+        try:
+            compress.run_recipe(r, model=a.model, out=out, overrides=common, force=True)
+        except GateFailed:
+            pass
+        outs.append(out)
+    if a.peers:
+        from peers import run_peer
+
+        for name in [p.strip() for p in a.peers.split(",") if p.strip()]:
+            print(f"== peer {name}", flush=True)
+            outs.append(run_peer(name, a.model, a.work / f"peer-{name}", a.num_prompts))
+    print(compare(outs, out_md=a.out, plot=a.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

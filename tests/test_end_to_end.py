@@ -1,0 +1,103 @@
+"""The whole path on every family's tiny pipeline: capture, ptq, save, load, equal outputs;
+and the CLI's exit codes for bad input (2, nothing written) and failed gates (1, report written)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compress.cli import main
+from tiny_pipelines import FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+W8 = str(ROOT / "recipes" / "w8.yaml")
+TINY = [
+    "calibration.num_prompts=1", "calibration.steps=2", "eval.num_prompts=2", "eval.steps=2",
+    "eval.latency_repeats=1",
+]
+REQUIRED = {
+    "schema", "recipe", "recipe_hash", "model", "passes", "size", "speed", "quality", "gates",
+}
+
+
+def _sets(extra=()):
+    out = []
+    for s in [*TINY, *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_save_load_bit_equal(family, tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    import compress
+    from compress.models import load_model
+
+    src = tiny_pipeline_dir(family)
+    out = tmp_path / "out"
+    report = compress.run_recipe(W8, model=str(src), out=out, overrides=TINY + ["gates={}"])
+    rep = json.loads((out / "report.json").read_text())
+    assert REQUIRED <= set(rep)
+    assert rep["size"]["bits_per_weight"] < 32
+    assert rep["passes"][0]["layers_quantized"] > 0
+    assert (out / "transformer" / "compress_manifest.json").is_file()
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+
+    pipe = compress.load_pipeline(out)
+    handle = load_model(str(src))
+    ev = rep["eval"]
+    images = handle.adapter.generate(pipe, ev["prompts"], ev["seeds"], ev["steps"],
+                                     ev["guidance"], ev["resolution"])
+    assert np.array_equal(images, report["_student_images"])
+
+
+def test_cli_ok_and_gate_failure(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("pixart"))
+    out = tmp_path / "o1"
+    assert main(["run", W8, "--model", src, "--out", str(out), *_sets(["gates={}"])]) == 0
+    assert (out / "report.json").is_file()
+    # refusing a non-empty --out without --force, then accepting it with --force
+    assert main(["run", W8, "--model", src, "--out", str(out), *_sets()]) == 2
+    assert "--force" in capsys.readouterr().err
+    out2 = tmp_path / "o2"
+    code = main(["run", W8, "--model", src, "--out", str(out2),
+                 *_sets(["gates.psnr_vs_teacher='>= 1000'"])])
+    assert code == 1
+    rep = json.loads((out2 / "report.json").read_text())
+    assert rep["gates"]["psnr_vs_teacher"]["passed"] is False
+
+
+def test_cli_unknown_key_exits_2_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\npasses:\n  - ptq:\n      weights: {bits: 8, colour: red}\n")
+    out = tmp_path / "never"
+    code = main(["run", str(bad), "--model", str(tiny_pipeline_dir("pixart")), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "colour" in err[0] and "bad.yaml" in err[0]
+    assert not out.exists()
+    assert not list(tmp_path.glob(".never*"))
+
+
+def test_cli_truncated_safetensors_exits_2(tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir("pixart"), src)
+    w = next((src / "transformer").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    out = tmp_path / "never"
+    code = main(["run", W8, "--model", str(src), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and w.name in err[0]
+    assert not out.exists()
+
+
+def test_cli_missing_model_and_inspect(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert main(["inspect", str(tiny_pipeline_dir("flux"))]) == 0
+    text = capsys.readouterr().out
+    assert "single_transformer_blocks" in text
