@@ -1,0 +1,58 @@
+"""Wall-clock latency of a callable and the process's peak resident memory."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _sync() -> None:
+    # CUDA kernels run asynchronously: without a sync the timer would stop at launch time.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def latency_ms_per_step(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    Args:
+        fn: a no-argument callable doing one unit of work (one denoising step).
+        repeats: timed calls; the median resists one-off hiccups from other processes.
+        warmup: untimed calls first, so lazy initialisation and caches don't count.
+
+    Returns:
+        The median of ``repeats`` timings in ms.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(max(warmup, 0)):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB; NaN where it cannot be read.
+
+    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS. Windows has no ``resource`` module:
+    there the value is NaN, which the report writes as null ("not measurable").
+    """
+    try:
+        import resource
+    except ImportError:
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    unit = 1 if sys.platform == "darwin" else 1024
+    return peak * unit / (1024.0 * 1024.0)
