@@ -1,0 +1,147 @@
+"""The fallback adapter for any nn.Module, and the naming rules and sampling helpers that the
+family adapters share (diffusers names its attention and feed-forward layers the same way)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.models.base import FamilyAdapter
+
+RoleRules = Sequence[tuple[str, str]]
+
+# diffusers' Attention / FeedForward layout, shared by every family. Patterns are matched
+# against the full qualified name, first match wins.
+ATTENTION_RULES: RoleRules = (
+    (r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)", "cross_attn"),
+    # Joint (MMDiT) attention: the text stream's projections feed the same attention op as
+    # the image stream, so they are self-attention roles, not cross-attention.
+    (r".*\.(attn|attn1)\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)", "attn_qkv"),
+    (r".*\.(attn|attn1)\.(to_out\.0|to_add_out)", "attn_out"),
+    (r".*\.(ff|ff_context)\.net\.0\.proj", "ff_in"),
+    (r".*\.(ff|ff_context)\.net\.2", "ff_out"),
+)
+
+# Embedders of timestep / guidance / pooled text found under any prefix.
+EMBEDDER_RULES: RoleRules = (
+    (
+        (
+            r"(.*\.)?(timestep_embedder|guidance_embedder|text_embedder|resolution_embedder"
+            r"|aspect_ratio_embedder)\.linear_[12]"
+        ),
+        "embed",
+    ),
+)
+
+
+def rules_role_of(rules: RoleRules) -> Callable[[str, nn.Module], str | None]:
+    """A ``role_of`` function from ordered (regex, role) rules matched on the full name."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+
+    def role_of(name: str, module: nn.Module) -> str | None:
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            return None
+        for pat, role in compiled:
+            if pat.fullmatch(name):
+                return role
+        return None
+
+    return role_of
+
+
+# Cheap guesses for arbitrary modules: common names from DiT-like code bases (timm, diffusers).
+_GENERIC_RULES: RoleRules = (
+    *ATTENTION_RULES,
+    *EMBEDDER_RULES,
+    (r"(.*\.)?(cross_attn|attn2|xattn)\.[^.]*", "cross_attn"),
+    (r"(.*\.)?(to_q|to_k|to_v|q_proj|k_proj|v_proj|qkv|to_qkv|in_proj)", "attn_qkv"),
+    (r"(.*\.)?(attn|attention|self_attn)\.(proj|out_proj|o_proj|to_out|out)", "attn_out"),
+    (r"(.*\.)?(fc1|w1|w3|up_proj|gate_proj|linear1|proj_in|fc_in)", "ff_in"),
+    (r"(.*\.)?(fc2|w2|down_proj|linear2|fc_out)", "ff_out"),
+    (r"(.*\.)?(adaLN_modulation\.\d+|adaln[^.]*|norm\d*\.linear|modulation[^.]*)", "adaln"),
+    (r"(.*\.)?(x_embedder|t_embedder|y_embedder|pos_embed|patch_embed)(\..*)?", "embed"),
+    (r"(final_layer\.linear|proj_out|out_proj)", "proj_out"),
+)
+
+_BLOCK_LIST_NAMES = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+
+
+def _generic_block_lists(module: nn.Module) -> tuple[str, ...]:
+    """Top-level ModuleLists with an obvious block name."""
+    return tuple(
+        n for n in _BLOCK_LIST_NAMES if isinstance(getattr(module, n, None), nn.ModuleList)
+    )
+
+
+class _GenericAdapter(FamilyAdapter):
+    """Finds block lists on the module at hand instead of from a fixed list."""
+
+    def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        out = []
+        for attr in _generic_block_lists(transformer):
+            out.extend((f"{attr}.{i}", b) for i, b in enumerate(getattr(transformer, attr)))
+        return out
+
+
+ADAPTER = _GenericAdapter(
+    name="generic",
+    transformer_classes=(),
+    block_lists=_BLOCK_LIST_NAMES,
+    role_of=rules_role_of(_GENERIC_RULES),
+)
+
+
+# ----------------------------------------------------------------------------- sampling helpers
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so an image depends only on its own seed."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def check_prompts_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; need one per prompt")
+
+
+def optional_kwargs(steps: int | None, guidance: float | None) -> dict[str, Any]:
+    """Pipeline kwargs for the values the caller set; None keeps the pipeline's default."""
+    kw: dict[str, Any] = {}
+    if steps is not None:
+        kw["num_inference_steps"] = int(steps)
+    if guidance is not None:
+        kw["guidance_scale"] = float(guidance)
+    return kw
+
+
+def to_images(images: Any) -> np.ndarray:
+    """Pipeline output (output_type="np") as float32 (N, H, W, 3) in [0, 1]."""
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return np.clip(arr, 0.0, 1.0)
+
+
+def run_per_prompt(
+    call: Callable[[list[str], list[torch.Generator]], Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+) -> np.ndarray:
+    """Run ``call`` one prompt at a time and stack the images.
+
+    One prompt per call keeps each image independent of what else is in the list (batched
+    matmuls can differ in the last bits), so cached teacher images stay valid per prompt.
+    """
+    check_prompts_seeds(prompts, seeds)
+    out = []
+    with torch.no_grad():
+        for p, s in zip(prompts, seeds):
+            out.append(to_images(call([str(p)], generators([s])).images))
+    if not out:
+        return np.zeros((0, 0, 0, 3), dtype=np.float32)
+    return np.concatenate(out, axis=0)
