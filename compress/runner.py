@@ -56,11 +56,15 @@ def count_params(tr: nn.Module) -> int:
     """Weights the module represents: parameters plus the logical weights of packed layers."""
     total = sum(p.numel() for p in tr.parameters())
     for m in tr.modules():
-        logical = getattr(m, "logical_weight_numel", None)
-        if logical is not None:
-            total += logical()
-        elif hasattr(m, "qweight") and hasattr(m, "in_features"):
-            total += m.in_features * m.out_features
+        if isinstance(m, nn.Linear) or not hasattr(m, "in_features"):
+            continue
+        if isinstance(getattr(m, "weight", None), nn.Parameter):
+            continue
+        # a packed replacement layer: its weights live in buffers, count what it stands for
+        total += m.in_features * m.out_features
+        b = getattr(m, "bias", None)
+        if isinstance(b, torch.Tensor) and not isinstance(b, nn.Parameter):
+            total += b.numel()
     return total
 
 
@@ -83,7 +87,7 @@ def step_latency_ms(handle, calib, repeats: int) -> float | None:
     s = calib.sample(0)
 
     def step() -> None:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: kernels may cache per-tensor state
             handle.adapter.call(handle.transformer, s.args, s.kwargs)
 
     return latency_ms_per_step(step, repeats=repeats, warmup=1)

@@ -101,3 +101,37 @@ def test_cli_missing_model_and_inspect(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["inspect", str(tiny_pipeline_dir("flux"))]) == 0
     text = capsys.readouterr().out
     assert "single_transformer_blocks" in text
+
+
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("w8a8.yaml", []),
+        ("w8a8.yaml", ["passes.0.ptq.activations.mode=static",
+                       "passes.0.ptq.activations.timestep_groups=2"]),
+        ("w4a8-mp.yaml", ["passes.0.ptq.mixed_precision.image_steps=2"]),
+        ("w4a4-lowrank.yaml", ["passes.0.ptq.lowrank.rank=4"]),
+        ("w4-gptq.yaml", []),
+    ],
+)
+def test_ptq_recipes_reload_bit_equal(recipe, extra, tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    import compress
+    from compress.models import load_model
+
+    src = tiny_pipeline_dir("pixart")
+    out = tmp_path / "out"
+    report = compress.run_recipe(str(ROOT / "recipes" / recipe), model=str(src), out=out,
+                                 overrides=TINY + ["gates={}", "passes.0.ptq.calib_samples=4",
+                                                   *extra])
+    p = report["passes"][0]
+    assert p["layers_quantized"] > 0
+    # every quantised layer ran in the forward pass
+    assert p["weights_quantized_and_used_fraction"] == pytest.approx(
+        p["weights_quantized_fraction"])
+    assert report["quality"]["psnr_vs_teacher"] is None or report["quality"]["psnr_vs_teacher"] > 20
+    pipe = compress.load_pipeline(out)
+    ev = report["eval"]
+    images = load_model(str(src)).adapter.generate(pipe, ev["prompts"], ev["seeds"], ev["steps"],
+                                                   ev["guidance"], ev["resolution"])
+    assert np.array_equal(images, report["_student_images"])

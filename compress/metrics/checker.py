@@ -23,7 +23,7 @@ _SIZE_SPLIT = 0.24
 _FILL_SQUARE = 0.9
 _FILL_CIRCLE = 0.75
 _SKEW_TRIANGLE = 0.25
-_MIN_AREA = 0.004
+_MIN_AREA = 0.008  # half the smallest object of the grammar (a small triangle): specks are not objects
 _FG_DIST = 40.0
 
 

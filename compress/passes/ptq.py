@@ -1,8 +1,12 @@
 """ptq: post-training quantisation of the transformer's Linear layers.
 
-This file holds the plainest form: round-to-nearest weight-only integers (int8/6/4/3/2), per
-output channel or grouped, symmetric or asymmetric, on layers chosen by role, name or regex,
-with per-layer overrides (exact name > regex > role > default).
+Weights: int8/6/4/3/2 per output channel or grouped, symmetric or asymmetric, round-to-nearest
+or GPTQ (block by block, each block calibrated on inputs that already carry the earlier blocks'
+quantisation). Activations (optional): int8 on the int8 GEMM, per token (dynamic) or per
+tensor (static, with separate scales per group of denoising steps); int4 with a 16-bit
+low-rank branch (SVDQuant-style). Outliers: SmoothQuant channel balancing with a searched
+strength, folded into the weights. Mixed precision: per-layer sensitivity (output error and
+image PSNR) and a bit allocation under an average-bits budget.
 """
 
 from __future__ import annotations
@@ -10,25 +14,30 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
 from compress.modules.qlinear import QLinear
 from compress.modules.swap import set_submodule
+from compress.quant import qtensor
 from compress.quant.qtensor import sqnr_db
 from compress.registry import PassDef, PassResult, register_pass
 from compress.targets import resolve, select
 
 DEFAULT_INCLUDE = ["attn_qkv", "attn_out", "cross_attn", "ff_in", "ff_out"]
+Bits = Literal[2, 3, 4, 6, 8]
 
 
-class WeightSpec(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightSpec(Strict):
     """How weights are quantised."""
 
-    model_config = ConfigDict(extra="forbid")
-    bits: Literal[2, 3, 4, 6, 8] = Field(8, description="integer bits per weight")
+    bits: Bits = Field(8, description="integer bits per weight")
     granularity: Literal["channel", "group"] = Field(
         "channel", description="one scale per output channel, or per group of inputs"
     )
@@ -39,22 +48,63 @@ class WeightSpec(BaseModel):
         return self.group_size if self.granularity == "group" else None
 
 
-class LayerOverride(BaseModel):
+class LayerOverride(Strict):
     """Per-layer changes to the default WeightSpec; skip=true keeps the layer in full precision."""
 
-    model_config = ConfigDict(extra="forbid")
     skip: bool = False
-    bits: Literal[2, 3, 4, 6, 8] | None = None
+    bits: Bits | None = None
     granularity: Literal["channel", "group"] | None = None
     group_size: int | None = Field(None, ge=8)
     symmetric: bool | None = None
 
 
-class Config(BaseModel):
+class ActSpec(Strict):
+    """Activation quantisation."""
+
+    bits: Literal[4, 8] = 8
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: per-token scales at run time; static: calibrated"
+    )
+    timestep_groups: int = Field(1, ge=1, description="static only: scale sets per step group")
+
+
+class SmoothSpec(Strict):
+    """SmoothQuant-style channel balancing, folded into the weights."""
+
+    alpha: float | Literal["auto"] = Field("auto", description="migration strength or auto")
+
+
+class GPTQSpec(Strict):
+    damp: float = Field(0.01, gt=0, description="Hessian dampening, fraction of mean diagonal")
+    block: int = Field(128, ge=8, description="columns processed at once")
+    act_order: bool = False
+
+
+class LowRankSpec(Strict):
+    rank: int = Field(32, ge=1, description="rank of the 16-bit branch")
+
+
+class MixedSpec(Strict):
+    """Mixed precision: choose bits per layer under a budget."""
+
+    candidates: list[Bits] = Field(default_factory=lambda: [4, 8])
+    avg_bits: float = Field(4.5, gt=1, description="budget: stored bits a weight, over the layers")
+    metrics: list[Literal["output", "image"]] = Field(default_factory=lambda: ["output", "image"])
+    keep_high: list[str] = Field(default_factory=list, description="selectors forced to max bits")
+    image_prompts: int = Field(2, ge=1)
+    image_steps: int = Field(8, ge=1)
+
+
+class Config(Strict):
     """ptq pass configuration."""
 
-    model_config = ConfigDict(extra="forbid")
     weights: WeightSpec = Field(default_factory=WeightSpec)
+    activations: ActSpec | None = None
+    smoothing: SmoothSpec | None = None
+    gptq: GPTQSpec | None = None
+    lowrank: LowRankSpec | None = None
+    mixed_precision: MixedSpec | None = None
+    calib_samples: int = Field(16, ge=1, description="calibration samples used per block")
     include: list[str] = Field(
         default_factory=lambda: list(DEFAULT_INCLUDE),
         description="selectors of layers to quantise: roles, exact names or 're:' regexes",
@@ -63,6 +113,25 @@ class Config(BaseModel):
     overrides: dict[str, LayerOverride] = Field(
         default_factory=dict, description="selector -> per-layer changes"
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        a = self.activations
+        if a is not None and a.bits == 8 and self.weights.granularity == "group":
+            raise ValueError("int8 activations run on the int8 GEMM: use granularity: channel")
+        if a is not None and a.bits == 8 and not self.weights.symmetric:
+            raise ValueError("int8 activations need symmetric weights")
+        if a is not None and a.bits == 4 and self.lowrank is None:
+            raise ValueError("4-bit activations need the low-rank branch (lowrank: {rank: ...})")
+        if a is not None and a.timestep_groups > 1 and a.mode != "static":
+            raise ValueError("timestep_groups needs activations.mode: static")
+        if self.lowrank is not None and (a is None or a.bits != 4):
+            raise ValueError("lowrank is for W4A4: set activations.bits: 4")
+        if self.mixed_precision is not None and a is not None and a.bits == 8:
+            bad = [b for b in self.mixed_precision.candidates if b not in (4, 8)]
+            if bad:
+                raise ValueError(f"with int8 activations the candidates are 4 and 8, not {bad}")
+        return self
 
 
 def layer_spec(cfg: Config, name: str, role: str) -> WeightSpec | None:
@@ -76,45 +145,281 @@ def layer_spec(cfg: Config, name: str, role: str) -> WeightSpec | None:
     return WeightSpec(**data)
 
 
+def _needs_data(cfg: Config) -> bool:
+    return any(x is not None for x in (cfg.activations, cfg.smoothing, cfg.gptq, cfg.lowrank,
+                                       cfg.mixed_precision))
+
+
 def apply(handle, calib, cfg: Config) -> PassResult:
+    from compress.modules.w8a8 import TimestepContext, attach_timestep_context
+
     tr = handle.transformer
     chosen = select(handle.adapter, tr, cfg.include, cfg.exclude)
-    # selectors in overrides must exist too
     if not chosen:
-        raise UserError(
-            f"ptq: no Linear layer matches include={cfg.include} exclude={cfg.exclude}"
-        )
+        raise UserError(f"ptq: no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+    if _needs_data(cfg) and (calib is None or len(calib) == 0):
+        raise UserError("ptq: activations/smoothing/gptq/lowrank/mixed_precision need calibration data")
     total_params = sum(p.numel() for p in tr.parameters())
+    specs = {n: layer_spec(cfg, n, r) for n, _, r in chosen}
+    roles = {n: r for n, _, r in chosen}
+    specs = {n: s for n, s in specs.items() if s is not None}
+
+    mp_report = None
+    if cfg.mixed_precision is not None:
+        alloc_bits, mp_report = _mixed_precision(handle, calib, cfg, specs, roles)
+        specs = {n: s.model_copy(update={"bits": alloc_bits[n]}) for n, s in specs.items()
+                 if alloc_bits.get(n, 16) < 16}
+
+    a = cfg.activations
+    ctx = None
+    if a is not None and a.mode == "static" and a.timestep_groups > 1:
+        ctx = TimestepContext.uniform(a.timestep_groups)
+        # set before calibration: replaying later blocks runs already-quantised earlier ones
+        attach_timestep_context(tr, ctx)
+
     meta_layers: dict[str, dict] = {}
     rows = []
-    q_params = 0
-    for name, mod, role in tqdm(chosen, desc="ptq", leave=False, disable=len(chosen) < 50):
-        spec = layer_spec(cfg, name, role)
-        if spec is None:
-            continue
-        q = QLinear.from_linear(mod, spec.bits, spec.group(), spec.symmetric)
-        with torch.no_grad():
-            w_sqnr = sqnr_db(mod.weight, q.dequantized_weight())
-        set_submodule(tr, name, q)
-        q_params += mod.weight.numel()
-        meta_layers[name] = {
-            "in": mod.in_features, "out": mod.out_features, "bias": mod.bias is not None,
-            "bits": spec.bits, "group_size": spec.group(), "symmetric": spec.symmetric,
-        }
-        rows.append({"layer": name, "role": role, "bits": spec.bits,
-                     "group_size": spec.group(), "weight_sqnr_db": round(w_sqnr, 2)})
+    from compress.quant.collect import stages
+
+    data = _needs_data(cfg)
+    for stage, names in tqdm(stages(handle, list(specs)), desc="ptq", leave=False):
+        stats = _collect(handle, calib, cfg, stage, names, ctx) if data else None
+        for n in names:
+            mod = tr.get_submodule(n)
+            new, info, err = _quantize_layer(mod, specs[n], cfg, stats, n, ctx)
+            set_submodule(tr, n, new)
+            meta_layers[n] = info
+            rows.append({"layer": n, "role": roles[n], "bits": specs[n].bits,
+                         "group_size": specs[n].group(),
+                         "act_bits": a.bits if a else None, **err})
+    meta: dict = {"layers": meta_layers}
+    if ctx is not None:
+        meta["timestep_context"] = ctx.to_dict()
     used = forward_coverage(handle, calib, list(meta_layers))
+    q_params = sum(m["in"] * m["out"] for m in meta_layers.values())
     report = {
         "layers_quantized": len(meta_layers),
         "weights_quantized_fraction": q_params / total_params,
         "weights_quantized_and_used_fraction": (
-            None if used is None else sum(
-                meta_layers[n]["in"] * meta_layers[n]["out"] for n in used
-            ) / total_params
+            None if used is None
+            else sum(meta_layers[n]["in"] * meta_layers[n]["out"] for n in used) / total_params
+        ),
+        "avg_bits_quantized_layers": (
+            sum(m["in"] * m["out"] * m["bits"] for m in meta_layers.values()) / max(q_params, 1)
         ),
         "layers": rows,
     }
-    return PassResult(meta={"layers": meta_layers}, report=report)
+    if mp_report is not None:
+        report["mixed_precision"] = mp_report
+    return PassResult(meta=meta, report=report)
+
+
+def _attach_ctx(tr: nn.Module, ctx) -> None:
+    from compress.modules.w8a8 import W8A8Linear, attach_timestep_context
+
+    for m in tr.modules():
+        if isinstance(m, W8A8Linear):
+            m.context = ctx
+    attach_timestep_context(tr, ctx)
+
+
+def _collect(handle, calib, cfg: Config, stage, names, ctx) -> dict:
+    """Run the stage on calibration data with observers on its layers."""
+    from compress.quant.collect import RowSampler, run_stage
+    from compress.quant.observers import attach
+
+    tr = handle.transformer
+    mods = {n: tr.get_submodule(n) for n in names}
+    current = {"g": 0}
+    group_fn = (lambda: current["g"]) if ctx is not None else None
+
+    def on_sample(t: float) -> None:
+        if ctx is not None:
+            current["g"] = ctx.group_of(t)
+
+    obs = attach(mods, group_fn=group_fn, act=True, hessian=cfg.gptq is not None)
+    rs = RowSampler(mods, max_rows=256)
+    try:
+        run_stage(handle, calib, stage, cfg.calib_samples, on_sample)
+    finally:
+        obs.remove()
+        rs.remove()
+    return {"obs": obs, "rows": rs}
+
+
+def _codes(mod: nn.Linear, w: torch.Tensor, spec: WeightSpec, cfg: Config, stats, name: str):
+    if cfg.gptq is not None and stats is not None:
+        from compress.quant.gptq import gptq_quantize
+
+        h = stats["obs"].hessian[name].mean()
+        return gptq_quantize(w, h, spec.bits, spec.group(), spec.symmetric, cfg.gptq.damp,
+                             cfg.gptq.block, cfg.gptq.act_order)
+    return qtensor.quantize(w, spec.bits, spec.group(), spec.symmetric)
+
+
+@torch.no_grad()
+def _quantize_layer(mod: nn.Linear, spec: WeightSpec, cfg: Config, stats, name: str, ctx):
+    from compress.modules.lowrank_linear import LowRankQLinear
+    from compress.modules.w4a8 import W4A8Linear
+    from compress.modules.w8a8 import W8A8Linear
+    from compress.quant.smooth import fake_quant_act, search_alpha, smooth_scales
+
+    a = cfg.activations
+    w = mod.weight.detach().float()
+    info = {"in": mod.in_features, "out": mod.out_features, "bias": mod.bias is not None,
+            "bits": spec.bits, "group_size": spec.group(), "symmetric": spec.symmetric}
+    x = stats["rows"].get(name) if stats is not None else None
+    if x is not None:
+        x = x.to(w.device)
+
+    if a is not None and a.bits == 4:  # W4A4 + low-rank branch
+        from compress.quant.lowrank import svdquant
+
+        quant_res = None
+        if cfg.gptq is not None:
+            h = stats["obs"].hessian[name].mean()
+
+            def quant_res(r, s):
+                from compress.quant.gptq import gptq_quantize
+
+                hs = h if s is None else h / (s[:, None] * s[None, :])
+                return gptq_quantize(r, hs, spec.bits, spec.group(), spec.symmetric,
+                                     cfg.gptq.damp, cfg.gptq.block)
+        alphas = (None, 0.3, 0.5, 0.7) if cfg.smoothing is None or cfg.smoothing.alpha == "auto" \
+            else (cfg.smoothing.alpha,)
+        lq = svdquant(w, x, cfg.lowrank.rank, spec.bits, 4, spec.group(), spec.symmetric,
+                      alphas=alphas, quantize_residual=quant_res)
+        new = LowRankQLinear.from_lowrank(lq, mod.bias, spec.group(), 4)
+        info.update({"kind": "lowrank", "rank": cfg.lowrank.rank, "a_bits": 4,
+                     "smooth": lq.s is not None})
+        ref = x @ w.T
+        y = new(x) - (new.bias if new.bias is not None else 0)
+        return new, info, {"output_sqnr_db": round(sqnr_db(ref, y), 2)}
+
+    s = None
+    if cfg.smoothing is not None and x is not None:
+        absmax = stats["obs"].merged(name).chan_absmax.to(w.device)
+        if cfg.smoothing.alpha == "auto":
+            _, s = search_alpha(x, w, spec.bits, a.bits if a else None, act_absmax=absmax,
+                                alphas=[round(0.1 * i, 1) for i in range(9)])
+        else:
+            s = smooth_scales(absmax, w, float(cfg.smoothing.alpha))
+
+    if a is not None and a.bits == 8:
+        ws = w * s[None, :] if s is not None else w
+        codes, scale, _ = qtensor.quantize(ws, spec.bits, None, True) if cfg.gptq is None else \
+            _codes(mod, ws, spec, cfg, _rescaled(stats, name, s), name)
+        act_scale = None
+        if a.mode == "static":
+            act_scale = _static_scales(stats, name, s, ctx)
+        if spec.bits == 4:
+            new = W4A8Linear.from_codes(codes, scale[:, 0], mod.bias, a.mode, act_scale, s)
+        else:
+            c = (codes.to(torch.int16) - 2 ** (spec.bits - 1)).to(torch.int8)
+            new = W8A8Linear.from_int8(c, scale[:, 0].float(), mod.bias, a.mode, act_scale, s)
+        if ctx is not None:
+            new.context = ctx
+        info.update({"kind": "w4a8" if spec.bits == 4 else "w8a8", "act": a.mode,
+                     "n_groups": 1 if act_scale is None else int(torch.as_tensor(act_scale).numel()),
+                     "smooth": s is not None})
+        err = {}
+        if x is not None:
+            ref = x @ w.T
+            xq = x / s if s is not None else x
+            xq = fake_quant_act(xq, 8, "token")
+            wq = new.dequantized_weight().float()
+            err["output_sqnr_db"] = round(sqnr_db(ref, xq @ wq.T), 2)
+        return new, info, err
+
+    # weight-only
+    codes, scale, zero = _codes(mod, w, spec, cfg, stats, name)
+    new = QLinear(mod.in_features, mod.out_features, mod.bias is not None, spec.bits,
+                  spec.group(), spec.symmetric, device=w.device)
+    new.qweight.copy_(qtensor.pack(codes, spec.bits))
+    new.scale.copy_(scale)
+    if zero is not None:
+        new.zero.copy_(zero)
+    if mod.bias is not None:
+        new.bias.data.copy_(mod.bias.detach().float())
+    info["kind"] = "weight_only"
+    err = {"weight_sqnr_db": round(sqnr_db(w, new.dequantized_weight()), 2)}
+    if x is not None:
+        err["output_sqnr_db"] = round(sqnr_db(x @ w.T, x @ new.dequantized_weight().T), 2)
+    return new, info, err
+
+
+def _rescaled(stats, name: str, s):
+    if s is None or stats is None:
+        return stats
+    h = stats["obs"].hessian[name]
+    hs = h.mean() / (s[:, None] * s[None, :])
+
+    class _H:  # the Hessian of the smoothed input x/s
+        def mean(self_inner):
+            return hs
+
+    obs = type("O", (), {"hessian": {name: _H()}})()
+    return {"obs": obs, "rows": stats["rows"]}
+
+
+def _static_scales(stats, name: str, s, ctx) -> torch.Tensor:
+    obs = stats["obs"]
+    groups = ctx.n_groups if ctx is not None else 1
+    out = []
+    merged = obs.merged(name)
+    for g in range(groups):
+        st = obs.act[name].get(g if ctx is not None else None, merged)
+        amax = st.chan_absmax
+        if s is not None:
+            amax = amax / s.to(amax.device)
+        out.append(float(amax.max()) / 127.0)
+    return torch.tensor(out).clamp_min(1e-8)
+
+
+def _mixed_precision(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles):
+    """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate."""
+    from compress.quant import mixed
+    from compress.quant.collect import RowSampler, run_stage
+    from compress.quant.sensitivity import image_tables, output_tables
+    from compress.targets import matches
+
+    mp = cfg.mixed_precision
+    tr = handle.transformer
+    mods = {n: tr.get_submodule(n) for n in specs}
+    rs = RowSampler(mods, max_rows=256)
+    try:
+        run_stage(handle, calib, None, cfg.calib_samples)
+    finally:
+        rs.remove()
+    weights = {n: m.weight.detach().float() for n, m in mods.items()}
+    inputs = {n: rs.get(n) for n in mods}
+    group = None if cfg.activations is not None else cfg.weights.group()
+    a_bits = cfg.activations.bits if cfg.activations is not None else None
+    cands = sorted(set(mp.candidates))
+    tables = []
+    out_t = output_tables(weights, inputs, cands, group, a_bits)
+    tables.append(mixed.normalise(out_t))
+    img_t = None
+    if "image" in mp.metrics and handle.pipeline is not None and handle.adapter.generate:
+        m = calib.meta
+        prompts = list(m["prompts"])[: mp.image_prompts]
+        seeds = list(m["seeds"])[: mp.image_prompts]
+        img_t = image_tables(handle, mods, cands, group, prompts, seeds, mp.image_steps,
+                             m.get("guidance"), m.get("resolution"))
+        tables.append(mixed.normalise(img_t))
+    sens = mixed.combine(tables)
+    params = {n: w.numel() for n, w in weights.items()}
+    keep = [n for n in specs if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
+    cost = mixed.storage_cost({n: w.shape[1] for n, w in weights.items()}, group)
+    alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
+    table = [
+        {"layer": n, "role": roles[n], "bits": alloc.bits[n],
+         **{f"out_err@{b}": round(out_t[n][b], 6) for b in cands},
+         **({f"img_err@{b}": round(img_t[n][b], 8) for b in cands} if img_t else {})}
+        for n in specs
+    ]
+    return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
+                        "metrics": mp.metrics if img_t else ["output"], "table": table}
 
 
 def forward_coverage(handle, calib, names: list[str]) -> list[str] | None:
@@ -140,12 +445,28 @@ def forward_coverage(handle, calib, names: list[str]) -> list[str] | None:
 
 
 def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
+    from compress.modules.lowrank_linear import LowRankQLinear
+    from compress.modules.w4a8 import W4A8Linear
+    from compress.modules.w8a8 import TimestepContext, W8A8Linear
+
     for name, m in meta["layers"].items():
-        q = QLinear(m["in"], m["out"], m["bias"], m["bits"], m["group_size"], m["symmetric"],
+        kind = m.get("kind", "weight_only")
+        if kind == "weight_only":
+            q = QLinear(m["in"], m["out"], m["bias"], m["bits"], m["group_size"], m["symmetric"],
+                        device="meta")
+        elif kind in ("w8a8", "w4a8"):
+            cls = W4A8Linear if kind == "w4a8" else W8A8Linear
+            q = cls(m["in"], m["out"], m["bias"], m["act"], m["n_groups"], m["smooth"],
                     device="meta")
+        elif kind == "lowrank":
+            q = LowRankQLinear(m["in"], m["out"], m["bias"], m["rank"], m["bits"], m["group_size"],
+                               m["a_bits"], m["smooth"], device="meta")
+        else:
+            raise UserError(f"ptq: unknown layer kind {kind!r} in the manifest")
         set_submodule(transformer, name, q)
+    if "timestep_context" in meta:
+        _attach_ctx(transformer, TimestepContext.from_dict(meta["timestep_context"]))
 
 
 register_pass(PassDef(name="ptq", config=Config, apply=apply, restore=restore, kind="format",
                       needs_calibration=False))
-
