@@ -1,0 +1,303 @@
+"""Integer matmul kernels and the element-wise work around them.
+
+Which kernels exist depends on the torch build and the CPU, so everything here is feature
+detected once and has a portable fallback:
+
+* int8 x int8 -> bf16/fp32 GEMM: oneDNN's ``onednn::qlinear_pointwise`` on a weight packed once
+  by ``onednn::qlinear_prepack`` (the op inductor's x86 int8 path lowers to; AMX int8 tiles where
+  the CPU has them). Per-tensor activation scale, per-channel weight scales and the bias are
+  applied inside the GEMM. Fallback: ``torch._int_mm`` plus a separate rescale.
+* The element-wise work (activation quantisation, per-token rescaling, int4 unpacking) is a
+  chain of 4-8 eager ops, each a full pass over memory; on the PixArt-XL shapes that chain
+  costs as much as the int8 GEMM saves. So each chain is written once as a plain function and
+  run through ``torch.compile`` (one fused, vectorised C++ loop from inductor). If inductor
+  cannot compile here (no C++ compiler) or ``DIT_COMPRESS_FUSED=0``, the eager function runs:
+  same arithmetic, slower.
+
+Rounding is round-half-to-even everywhere (``torch.round``), activations use the symmetric
+range [-127, 127].
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QMAX = 127.0
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+# ---------------------------------------------------------------------------------------------
+# feature detection
+
+
+@functools.cache
+def onednn_int8_available() -> bool:
+    """True when oneDNN's packed int8 linear runs in this build (a tiny smoke call)."""
+    try:
+        ops = torch.ops.onednn
+        if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise")):
+            return False
+        w = torch.ones(8, 16, dtype=torch.int8)
+        packed = ops.qlinear_prepack(w, None)
+        x = torch.ones(4, 16, dtype=torch.int8)
+        ws = torch.ones(8)
+        y = ops.qlinear_pointwise(
+            x, 1.0, 0, packed, ws, torch.zeros(8, dtype=torch.int64), None, 1.0, 0,
+            torch.float32, "none", [], "",
+        )
+        return bool(torch.all(y == 16))
+    except Exception:  # noqa: BLE001  (any failure means "not usable here", never a user error)
+        return False
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether the CPU advertises AMX int8 tiles (informational, for reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def describe() -> dict[str, object]:
+    """What this machine offers, for the speed report."""
+    return {
+        "torch": torch.__version__,
+        "onednn_int8": onednn_int8_available(),
+        "amx_int8": amx_available(),
+        "fused_elementwise": fusion_enabled(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# fusion of element-wise chains
+
+_fusion: dict[str, bool | None] = {"enabled": None}
+
+
+def set_fusion(enabled: bool | None) -> None:
+    """Force fusion on/off (None: decide from the environment on next use)."""
+    _fusion["enabled"] = enabled
+
+
+def fusion_enabled() -> bool:
+    if _fusion["enabled"] is None:
+        env = os.environ.get("DIT_COMPRESS_FUSED", "1").strip().lower()
+        _fusion["enabled"] = env not in {"0", "false", "off", "no"}
+    return bool(_fusion["enabled"])
+
+
+def fused(fn: F) -> F:
+    """Run ``fn`` through torch.compile when fusion is on; fall back to eager on failure.
+
+    Inside an outer torch.compile the plain function is returned so the outer graph inlines
+    it (and can fuse it with its neighbours). The first compile failure switches fusion off for
+    the process with one warning, so a machine without a C++ compiler still runs.
+    """
+    state: dict[str, object] = {"fn": None, "ok": False}
+
+    @functools.wraps(fn)
+    def wrapper(*args: object) -> object:
+        if torch.compiler.is_compiling() or not fusion_enabled():
+            return fn(*args)
+        if state["fn"] is None:
+            # dynamic=None: the first shape is compiled static, a second one makes the varying
+            # dims symbolic, so a model with a handful of layer shapes compiles a few times.
+            state["fn"] = torch.compile(fn, dynamic=None, fullgraph=True)
+        if state["ok"]:
+            return state["fn"](*args)  # type: ignore[operator]
+        try:
+            out = state["fn"](*args)  # type: ignore[operator]
+        except Exception as e:  # noqa: BLE001  (first-call failure = toolchain; eager is equal)
+            log.warning("fused kernels unavailable (%s: %s); using eager ops", type(e).__name__, e)
+            set_fusion(False)
+            return fn(*args)
+        state["ok"] = True
+        return out
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantisation
+
+
+@fused
+def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> int8 codes round(x * inv_scale) in [-127, 127].
+
+    ``inv_scale`` is a 0-d tensor (per-tensor) or [K] (per-tensor scale folded with a channel
+    smoothing vector); a tensor rather than a float so compiled code is not specialised on it.
+    """
+    return (x.float() * inv_scale).round().clamp(-QMAX, QMAX).to(torch.int8)
+
+
+@fused
+def quantize_per_token(
+    x: torch.Tensor, inv_smooth: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes [M, K], fp32 scales [M, 1]); each row scaled by its abs-max."""
+    xf = x.float()
+    if inv_smooth is not None:
+        xf = xf * inv_smooth
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)
+    q = (xf * (QMAX / amax)).round().clamp(-QMAX, QMAX).to(torch.int8)
+    return q, amax / QMAX
+
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@fused
+def rescale_rows(
+    acc: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    activation: str,
+) -> torch.Tensor:
+    """act(acc [M, N] * row_scale [M, 1] + bias) -> ``dtype``; acc already has weight scales."""
+    y = acc.float() * row_scale
+    if bias is not None:
+        y = y + bias
+    return apply_activation(y, activation).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 GEMM
+
+
+def prepack_int8(weight: torch.Tensor) -> torch.Tensor | None:
+    """int8 [N, K] -> oneDNN's blocked layout, or None where oneDNN cannot run it."""
+    if weight.device.type != "cpu" or not onednn_int8_available():
+        return None
+    return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+
+
+def int8_linear(
+    xq: torch.Tensor,
+    x_scale: float,
+    weight: torch.Tensor,
+    packed: torch.Tensor | None,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str = "none",
+    out_scale: float | None = None,
+) -> torch.Tensor:
+    """act((xq [M, K] int8 * x_scale) @ (weight [N, K] int8 * w_scale[:, None]).T + bias).
+
+    With ``packed`` (from :func:`prepack_int8`) the scales, bias, activation and output cast
+    all happen in oneDNN's GEMM epilogue; otherwise ``torch._int_mm`` and one rescale pass.
+    ``out_scale`` set: the result is re-quantised to int8 codes on that scale (the next
+    layer's static input scale), so the activation never exists in floating point.
+    """
+    if packed is not None:
+        if out_scale is not None:
+            onednn_out, o_scale = torch.int8, out_scale
+        else:
+            onednn_out = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+            o_scale = 1.0
+        post, alg = _ONEDNN_POST[activation]
+        y = torch.ops.onednn.qlinear_pointwise(
+            xq, x_scale, 0, packed, w_scale, w_zero, bias, o_scale, 0, onednn_out, post, [], alg
+        )
+        return y if (out_scale is not None or y.dtype == out_dtype) else y.to(out_dtype)
+    y = int_mm_linear(xq, x_scale, weight, w_scale, bias, torch.float32)
+    y = apply_activation(y, activation)
+    if out_scale is not None:
+        return (y / out_scale).round().clamp(-128, 127).to(torch.int8)
+    return y.to(out_dtype)
+
+
+# activation name -> oneDNN post-op (name, algorithm) as inductor spells them
+_ONEDNN_POST = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def int_mm_linear(
+    xq: torch.Tensor,
+    x_scale: float,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Portable path (CUDA, builds without oneDNN): exact int32 accumulation, then rescale."""
+    m = xq.shape[0]
+    # torch._int_mm wants more than 16 rows on CUDA; padding keeps one code path.
+    pad = 17 - m if (xq.device.type == "cuda" and m <= 16) else 0
+    if pad:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, pad))
+    acc = torch._int_mm(xq, weight.t())
+    if pad:
+        acc = acc[:m]
+    y = acc.float() * (w_scale * x_scale)
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 weights: two codes per byte; within each group of G inputs the low nibbles hold the
+# first G/2 codes and the high nibbles the last G/2, so unpacking is two contiguous streams
+# (vectorises cleanly) instead of an interleave.
+
+
+def pack_int4(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 codes [N, g*G] (each < 16) -> uint8 [N, g*G/2] in the group-halves layout."""
+    n, k = codes.shape
+    if group_size % 2 or k % group_size:
+        raise ValueError(f"int4 packing needs an even group size dividing {k}, got {group_size}")
+    c = codes.view(n, k // group_size, 2, group_size // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [N, k/2] -> uint8 codes [N, k]."""
+    n, h = packed.shape
+    p = packed.view(n, -1, group_size // 2)
+    return torch.stack([p & 15, p >> 4], dim=2).reshape(n, 2 * h)
+
+
+@fused
+def dequantize_int4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Packed int4 [N, k/2] with per-group scale [N, g] (and zero [N, g]) -> weights [N, k].
+
+    Symmetric codes are offset by 8. Computed in fp32 and rounded once to ``dtype``.
+    """
+    n, h = packed.shape
+    g = scale.shape[1]
+    # Both nibbles come from one broadcast shift ([.., 2, G/2] against shifts (0, 4)): a pure
+    # element-wise expression that inductor writes straight into the output. (A cat of two
+    # float halves made it materialise a 4-byte copy first, 8x slower.)
+    shifts = (torch.arange(2, device=packed.device, dtype=torch.uint8) * 4).view(1, 1, 2, 1)
+    codes = (packed.view(n, g, 1, group_size // 2) >> shifts) & 15
+    off = zero.view(n, g, 1, 1).float() if zero is not None else 8.0
+    w = (codes.float() - off) * scale.view(n, g, 1, 1).float()
+    return w.to(dtype).view(n, 2 * h)
