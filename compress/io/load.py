@@ -32,6 +32,27 @@ def _state_dict(tdir: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def own_memory_(obj) -> None:
+    """Give every parameter and buffer of ``obj`` (a module or a pipeline) its own allocation.
+
+    Tensors read from safetensors sit wherever their file offset puts them, and oneDNN/MKL pick
+    kernels by pointer alignment: the same weights at another offset can give results that
+    differ in the last bit. Copying into fresh (64-byte aligned) memory makes a model loaded
+    from any file compute exactly like one built in memory, which bit-equal reloads rely on.
+    """
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        m for m in getattr(obj, "components", {}).values() if isinstance(m, torch.nn.Module)]
+    with torch.no_grad():
+        for root in modules:
+            for m in root.modules():
+                for name, t in list(m._parameters.items()):
+                    if t is not None and t.device.type == "cpu":
+                        t.data = t.data.clone()
+                for name, t in list(m._buffers.items()):
+                    if t is not None and t.device.type == "cpu":
+                        m._buffers[name] = t.clone()
+
+
 def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The compressed transformer alone, from a ``transformer/`` dir (or a transformer-only output)."""
     import diffusers
@@ -63,6 +84,7 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> to
                   if t.device.type == "meta"]
     if still_meta:
         raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
+    own_memory_(tr)
     return tr.to(device).eval()
 
 
@@ -88,6 +110,7 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
+        own_memory_(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     return load_transformer(out, device)

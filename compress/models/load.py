@@ -303,6 +303,10 @@ def load_model(
         raise _load_error(root, exc) from exc
 
     target = pipe if pipe is not None else transformer
+    if not (tdir / MANIFEST).is_file():
+        from compress.io.load import own_memory_
+
+        own_memory_(target)
     target.to(device)
     if torch_dtype is not None and (tdir / MANIFEST).is_file():
         target.to(dtype=torch_dtype)
