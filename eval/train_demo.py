@@ -115,6 +115,9 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start a new run from these transformer weights (a diffusers transformer "
+                         "directory) instead of from scratch; ignored when resuming")
     args = ap.parse_args()
 
     from diffusers import PixArtTransformer2DModel
@@ -147,6 +150,11 @@ def main() -> None:
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.99),
     )
+    if args.init is not None:
+        init = PixArtTransformer2DModel.from_pretrained(args.init, torch_dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        del init
     step = 0
     ckpt = args.out / "ckpt.pt"
     if ckpt.exists():

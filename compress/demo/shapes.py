@@ -22,7 +22,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 215, 225),
 }
 BACKGROUND: tuple[int, int, int] = (90, 90, 90)
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.09, "large": 0.17}  # half-extent as a fraction of the image side
 # 3x3 grid: (column, row) -> phrase; centres at 0.21 / 0.5 / 0.79 of the side
 POSITIONS: dict[str, tuple[int, int]] = {
@@ -113,12 +113,11 @@ def shape_mask(o: Obj, res: int) -> np.ndarray:
     if o.shape == "circle":
         return dx * dx + dy * dy <= r * r
     if o.shape == "square":
-        s = 0.9 * r  # about the circle's area, so size reads the same across shapes
-        return (np.abs(dx) <= s) & (np.abs(dy) <= s)
+        # the full box: same extent as the circle (so size reads the same), 27% more area and
+        # sharp corners, so the two stay apart at 32 px
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
     if o.shape == "triangle":  # apex up, base down
         return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
-    if o.shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= r
     raise ValueError(f"unknown shape {o.shape!r}")
 
 

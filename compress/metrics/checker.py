@@ -16,12 +16,12 @@ _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 _CELL = {v: k for k, v in POSITIONS.items()}
 
 # Thresholds in normalised units (fractions of the image side), set from the generator's geometry:
-# small objects span ~0.17 of the side, large ~0.31; fill over the bounding box is 1.0 for a
-# square, 0.79 for a circle and 0.5 to 0.72 for a triangle or a diamond (small ones read fuller at 32 px); a triangle's vertical skew is
-# about -0.57, a diamond's 0.
-_SIZE_SPLIT = 0.24
-_FILL_SQUARE = 0.9
-_FILL_CIRCLE = 0.75
+# small objects span ~0.18 of the side, large ~0.34; fill over the bounding box is 1.0 for a
+# square, 0.79 for a circle and about 0.5 for a triangle (small ones read fuller at 32 px, and
+# anti-aliasing pulls every fill towards the middle); a triangle's vertical skew is about -0.57,
+# a square's and a circle's 0. The square/circle split sits halfway between their fills.
+_SIZE_SPLIT = 0.26
+_FILL_SQUARE = 0.89
 _SKEW_TRIANGLE = 0.25
 _MIN_AREA = 0.008  # half the smallest object of the grammar (a small triangle): specks are not objects
 _FG_DIST = 40.0
@@ -73,14 +73,12 @@ def detect(image) -> list[dict]:
         my = (alpha * ys).sum() / wsum
         var = (alpha * (ys - my) ** 2).sum() / wsum
         skew = (alpha * (ys - my) ** 3).sum() / wsum / max(var, 1e-6) ** 1.5
-        if fill >= _FILL_SQUARE:
-            shape = "square"
-        elif fill >= _FILL_CIRCLE:
-            shape = "circle"
-        elif skew < -_SKEW_TRIANGLE:
+        if skew < -_SKEW_TRIANGLE:
             shape = "triangle"
+        elif fill >= _FILL_SQUARE:
+            shape = "square"
         else:
-            shape = "diamond"
+            shape = "circle"
         cx = (cols[0] + cols[-1] + 1) / 2 / w
         cy = (rows[0] + rows[-1] + 1) / 2 / h
         cell = (min(int(cx * 3), 2), min(int(cy * 3), 2))
