@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--work", type=Path, default=Path("runs/quality"), help="where outputs go")
     ap.add_argument("--num-prompts", type=int, default=64, help="evaluation prompts")
-    ap.add_argument("--calib-prompts", type=int, default=None, help="override calibration prompts")
+    ap.add_argument("--calib-prompts", type=int, default=8,
+                    help="calibration prompts, for every recipe and peer alike")
     ap.add_argument("--peers", default="", help="comma list of peer schemes (see eval/peers.py)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--plot", default=None, help="quality vs bits plot (PNG)")
@@ -39,9 +40,8 @@ def main() -> int:
 
     a.work.mkdir(parents=True, exist_ok=True)
     outs = []
-    common = [f"eval.num_prompts={a.num_prompts}", "gates={}"]
-    if a.calib_prompts:
-        common.append(f"calibration.num_prompts={a.calib_prompts}")
+    common = [f"eval.num_prompts={a.num_prompts}", f"calibration.num_prompts={a.calib_prompts}",
+              "gates={}"]
     for r in a.recipes:
         out = a.work / Path(r).stem
         print(f"== {r}", flush=True)
@@ -55,7 +55,8 @@ def main() -> int:
 
         for name in [p.strip() for p in a.peers.split(",") if p.strip()]:
             print(f"== peer {name}", flush=True)
-            outs.append(run_peer(name, a.model, a.work / f"peer-{name}", a.num_prompts))
+            outs.append(run_peer(name, a.model, a.work / f"peer-{name}", a.num_prompts,
+                                 a.calib_prompts))
     print(compare(outs, out_md=a.out, plot=a.plot))
     return 0
 
