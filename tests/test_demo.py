@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compress.demo import DEMO_DEFAULTS, demo_call_kwargs, demo_dir
-from compress.demo.shapes import parse_caption, render, sample_scene
+from compress.demo.shapes import SHAPES, parse_caption, render, sample_scene
 from compress.metrics.checker import check
 
 _SHIPPED = (demo_dir() / "transformer").exists() and (demo_dir() / "vae").exists()
@@ -140,3 +140,19 @@ def test_materialized_demo_loads_with_stock_diffusers(tmp_path) -> None:
     assert next(pipe.transformer.parameters()).dtype == torch.float32
     with pytest.raises(Exception, match="not empty"):
         materialize_demo(dest)
+
+
+def test_checker_rejects_wrong_shape() -> None:
+    # the shape verdict must discriminate: every ground-truth object with its shape word swapped
+    rng = random.Random(11)
+    wrong = total = 0
+    for _ in range(60):
+        scene = sample_scene(rng, 1)
+        for res, ss in ((32, 4), (256, 1)):
+            img = render(scene, res, ss)
+            for other in SHAPES:
+                if other == scene.objects[0].shape:
+                    continue
+                total += 1
+                wrong += check(img, scene.caption.replace(f" {scene.objects[0].shape} ", f" {other} "))["shape"]
+    assert wrong <= 0.02 * total, f"checker accepted {wrong}/{total} wrong shape words"

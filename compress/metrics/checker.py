@@ -16,12 +16,14 @@ _PALETTE = np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
 _CELL = {v: k for k, v in POSITIONS.items()}
 
 # Thresholds in normalised units (fractions of the image side), set from the generator's geometry:
-# small objects span ~0.18 of the side, large ~0.34; fill over the bounding box is 1.0 for a
-# square, 0.79 for a circle and about 0.5 for a triangle (small ones read fuller at 32 px, and
-# anti-aliasing pulls every fill towards the middle); a triangle's vertical skew is about -0.57,
-# a square's and a circle's 0. The square/circle split sits halfway between their fills.
+# small objects span ~0.18 of the side, large ~0.34. A triangle's vertical skew is about -0.57,
+# a square's and a circle's 0. Square against circle: the share of the object's bounding box
+# corners (four boxes of 20% of its side) that the object covers is 1.0 for a square and 0.14
+# for a circle; 0.35 is what a square with corners rounded to three quarters of its half-side
+# covers, so softened corners still read as a square and a circle never does.
 _SIZE_SPLIT = 0.26
-_FILL_SQUARE = 0.89
+_CORNER_SQUARE = 0.35
+_CORNER_BOX = 0.2
 _SKEW_TRIANGLE = 0.25
 _MIN_AREA = 0.008  # half the smallest object of the grammar (a small triangle): specks are not objects
 _FG_DIST = 40.0
@@ -35,6 +37,26 @@ def _to_array(image) -> np.ndarray:
     if arr.max() <= 1.0 + 1e-6:  # float images in [0, 1]
         arr = arr * 255.0
     return arr
+
+
+def _corner_cover(alpha: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> float:
+    """Share of the object's bounding-box corners it covers (1.0 square, 0.14 circle).
+
+    Small objects are judged on their coverage map upsampled (bilinear) to at least 32 pixels a
+    side, so a 6-pixel circle is not mistaken for a square by whole-pixel rounding.
+    """
+    r0, r1 = max(rows[0] - 1, 0), min(rows[-1] + 2, alpha.shape[0])
+    c0, c1 = max(cols[0] - 1, 0), min(cols[-1] + 2, alpha.shape[1])
+    crop = alpha[r0:r1, c0:c1]
+    side = min(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    if side < 32:
+        crop = ndimage.zoom(crop, int(np.ceil(32 / side)), order=1, grid_mode=True, mode="nearest")
+    solid = crop > 0.5
+    rr, cc = np.where(solid.any(axis=1))[0], np.where(solid.any(axis=0))[0]
+    box = solid[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
+    k = max(1, int(round(min(box.shape) * _CORNER_BOX)))
+    return float(np.mean([box[:k, :k].mean(), box[:k, -k:].mean(),
+                          box[-k:, :k].mean(), box[-k:, -k:].mean()]))
 
 
 def detect(image) -> list[dict]:
@@ -73,9 +95,10 @@ def detect(image) -> list[dict]:
         my = (alpha * ys).sum() / wsum
         var = (alpha * (ys - my) ** 2).sum() / wsum
         skew = (alpha * (ys - my) ** 3).sum() / wsum / max(var, 1e-6) ** 1.5
+        corners = _corner_cover(alpha, rows, cols)
         if skew < -_SKEW_TRIANGLE:
             shape = "triangle"
-        elif fill >= _FILL_SQUARE:
+        elif corners >= _CORNER_SQUARE:
             shape = "square"
         else:
             shape = "circle"
@@ -91,6 +114,7 @@ def detect(image) -> list[dict]:
                 "position": _CELL[cell],
                 "area": float(area),
                 "fill": float(fill),
+                "corners": corners,
                 "skew": float(skew),
             }
         )
