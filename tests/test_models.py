@@ -258,3 +258,22 @@ def test_load_no_weights_and_bad_dtype(tdir: Path) -> None:
 def test_load_dtype(tdir: Path) -> None:
     h = load_model(tdir, dtype="bf16")
     assert next(h.transformer.parameters()).dtype == torch.bfloat16
+
+
+def test_source_hash_sees_changed_weights(tmp_path) -> None:
+    # caches (calibration, teacher images) key on this hash: same shapes, new values -> new hash
+    from safetensors.torch import load_file, save_file
+
+    from compress.models.load import source_hash
+
+    d = tmp_path / "t"
+    d.mkdir()
+    f = d / "diffusion_pytorch_model.safetensors"
+    sd = {"w": torch.zeros(4, 4)}
+    save_file(sd, str(f))
+    (d / "config.json").write_text("{}")
+    h0 = source_hash(d, d, [])
+    sd = load_file(str(f))
+    sd["w"][0, 0] = 1.0
+    save_file(sd, str(f))
+    assert source_hash(d, d, []) != h0

@@ -100,8 +100,25 @@ def _check_component(cdir: Path) -> list[Path]:
     return files
 
 
+_WEIGHTS_FULL_LIMIT = 64 << 20
+_SAMPLES, _SAMPLE_BYTES = 32, 64 << 10
+
+
+def _hash_weights(h: Any, f: Path, size: int) -> None:
+    """Weights whole up to 64 MB; above, the header and 32 chunks of 64 KB spread over the file
+    (a retrained checkpoint of the same shapes changes them all; reading stays milliseconds)."""
+    if size <= _WEIGHTS_FULL_LIMIT:
+        h.update(f.read_bytes())
+        return
+    h.update(safetensors_header(f))
+    with open(f, "rb") as fh:
+        for i in range(_SAMPLES):
+            fh.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+            h.update(fh.read(_SAMPLE_BYTES))
+
+
 def _hash_dir(h: Any, root: Path, sub: Path) -> None:
-    """Feeds a directory into ``h``: safetensors by header and size, small files whole."""
+    """Feeds a directory into ``h``: weights by content (sampled when large), small files whole."""
     for f in sorted(p for p in sub.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
         if any(part.startswith(".") for part in f.relative_to(root).parts):
@@ -109,7 +126,7 @@ def _hash_dir(h: Any, root: Path, sub: Path) -> None:
         size = f.stat().st_size
         h.update(f"{rel}\0{size}\0".encode())
         if f.suffix == ".safetensors":
-            h.update(safetensors_header(f))
+            _hash_weights(h, f, size)
         elif size <= _HASH_FULL_LIMIT and f.suffix not in PICKLE_SUFFIXES:
             h.update(f.read_bytes())
 
@@ -117,8 +134,8 @@ def _hash_dir(h: Any, root: Path, sub: Path) -> None:
 def source_hash(root: Path, tdir: Path, components: list[str]) -> str:
     """sha256 over the transformer's files and, for a pipeline, every other component's.
 
-    Weights count by safetensors header and size only, so hashing a 12B model takes
-    milliseconds; the other components are included because calibration inputs and teacher
+    Weights count by content (whole up to 64 MB, sampled above), so hashing a 12B model takes
+    milliseconds and a retrained checkpoint of the same shapes gets a new hash; the other components are included because calibration inputs and teacher
     images depend on the text encoders and VAE too.
     """
     h = hashlib.sha256()
