@@ -109,14 +109,21 @@ def fused(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: object) -> object:
-        if torch.compiler.is_compiling() or not fusion_enabled():
+        if torch.compiler.is_compiling() or not fusion_enabled() or state.get("eager"):
             return fn(*args)
         if state["fn"] is None:
             # dynamic=None: the first shape is compiled static, a second one makes the varying
             # dims symbolic, so a model with a handful of layer shapes compiles a few times.
             state["fn"] = torch.compile(fn, dynamic=None, fullgraph=True)
         if state["ok"]:
-            return state["fn"](*args)  # type: ignore[operator]
+            try:
+                return state["fn"](*args)  # type: ignore[operator]
+            except Exception as e:  # noqa: BLE001  (e.g. dynamo's recompile limit in a long process)
+                log.warning("fused %s failed (%s: %s); using eager ops for it from now on",
+                            fn.__name__, type(e).__name__, e)
+                state["ok"], state["fn"] = False, None
+                state["eager"] = True
+                return fn(*args)
         try:
             out = state["fn"](*args)  # type: ignore[operator]
         except Exception as e:  # noqa: BLE001  (first-call failure = toolchain; eager is equal)
