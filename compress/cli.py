@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="family, blocks, parameters per role, Linear names")
     p.add_argument("model", nargs="?", default="demo")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("export-quanto", help="write a ptq output in optimum-quanto's format")
+    p.add_argument("output", help="a directory written by `dit-compress run`")
+    p.add_argument("dest", help="directory to write (must be empty or new)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DEST")
+    p.add_argument("--model", default=None,
+                   help="source model, for static activations (default: the manifest's)")
+    p.add_argument("--cache-dir", default=None, help="calibration cache root")
     return ap
 
 
@@ -160,6 +168,14 @@ def _cmd_inspect(a) -> int:
     return 0
 
 
+def _cmd_export_quanto(a) -> int:
+    from compress.io.quanto_export import export_quanto
+
+    dest = export_quanto(a.output, a.dest, force=a.force, model=a.model, cache_dir=a.cache_dir)
+    print(f"wrote {dest} (read it with optimum.quanto.requantize; see README)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
     try:
         return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
-                "compare": _cmd_compare, "inspect": _cmd_inspect}[a.cmd](a)
+                "compare": _cmd_compare, "inspect": _cmd_inspect,
+                "export-quanto": _cmd_export_quanto}[a.cmd](a)
     except UserError as exc:
         if a.verbose:
             raise
