@@ -74,6 +74,7 @@ def describe() -> dict[str, object]:
     return {
         "torch": torch.__version__,
         "onednn_int8": onednn_int8_available(),
+        "onednn_int8_used": onednn_int8_fast(),
         "amx_int8": amx_available(),
         "fused_elementwise": fusion_enabled(),
         "threads": torch.get_num_threads(),
@@ -193,9 +194,53 @@ def rescale_rows(
 # int8 GEMM
 
 
+@functools.cache
+def onednn_int8_fast() -> bool:
+    """Whether oneDNN's packed int8 linear is worth using on this CPU.
+
+    Some CPUs get a reference oneDNN kernel: on an AMD EPYC with AVX512-VNNI it ran ~600x
+    slower than ``torch._int_mm`` at 256x256x1024. One timing at first use decides; oneDNN is
+    kept unless it is over 4x slower, so the choice does not flip between runs on one machine.
+    ``DIT_COMPRESS_INT8=onednn`` or ``=int_mm`` forces it.
+    """
+    forced = os.environ.get("DIT_COMPRESS_INT8", "").strip().lower()
+    if forced in ("onednn", "int_mm"):
+        return forced == "onednn" and onednn_int8_available()
+    if not onednn_int8_available():
+        return False
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=g)
+    x = torch.randint(-127, 128, (128, 256), dtype=torch.int8, generator=g)
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    ws = torch.ones(256)
+
+    def onednn() -> None:
+        torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, ws, None, None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+
+    def int_mm() -> None:
+        torch._int_mm(x, w.t())
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    fast = best(onednn) <= 4.0 * best(int_mm)
+    if not fast:
+        log.info("oneDNN int8 linear is slow on this CPU; W8A8 uses torch._int_mm")
+    return fast
+
+
 def prepack_int8(weight: torch.Tensor) -> torch.Tensor | None:
-    """int8 [N, K] -> oneDNN's blocked layout, or None where oneDNN cannot run it."""
-    if weight.device.type != "cpu" or not onednn_int8_available():
+    """int8 [N, K] -> oneDNN's blocked layout, or None where oneDNN cannot run (or is slow)."""
+    if weight.device.type != "cpu" or not onednn_int8_fast():
         return None
     return torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
 
