@@ -72,9 +72,12 @@ def _ours_and_theirs(out: Path, dest: Path):
 
 
 def _same_weights(ours: nn.Module, theirs: nn.Module) -> int:
-    n = 0
+    """Every quantised layer of ours (a QConv2d counts once, not its inner matrix) has the same
+    dequantised weight and bias in quanto's model; returns how many were compared."""
+    n, seen = 0, []
     for name, m in ours.named_modules():
-        if hasattr(m, "dequantized_weight"):
+        if hasattr(m, "dequantized_weight") and not any(name.startswith(p + ".") for p in seen):
+            seen.append(name)
             qm = theirs.get_submodule(name)
             assert isinstance(qm.weight, quanto.QTensor), name
             assert torch.equal(m.dequantized_weight(), qm.weight.dequantize()), name
@@ -222,6 +225,7 @@ def _lin(i=256, o=40):
 def _refused_cases():
     from compress.modules.int4 import Int4Linear
     from compress.modules.lowrank_linear import LowRankQLinear
+    from compress.modules.qconv import QConv2d
     from compress.modules.qlinear import QLinear
     from compress.modules.w8a8 import W8A8Linear
 
@@ -238,7 +242,26 @@ def _refused_cases():
         "smoothing": (lambda: W8A8Linear.from_linear(_lin(), "static", 0.1,
                                                      smooth=torch.full((256,), 2.0)), "smoothing"),
         "low rank": (lambda: LowRankQLinear(256, 40, True, 4, 4, 64, 4, False), "low-rank"),
+        "fp8 grouped scales": (_fp8_grouped, "one per output channel"),
+        # a conv is refused by the rules of its weight matrix [out, in/groups*kh*kw], named
+        "conv int4 g32 vs 128": (lambda: QConv2d.from_conv(_conv(), 4, 32), "group_size: 128"),
+        "conv int3": (lambda: QConv2d.from_conv(_conv(), 3), "int3"),
+        "conv grouped int8": (lambda: QConv2d.from_conv(_conv(), 8, 128), "channel"),
     }
+
+
+def _conv(c_in=16, c_out=8, k=4, **kw):
+    torch.manual_seed(0)
+    return nn.Conv2d(c_in, c_out, k, **kw)  # fan-in 256: quanto's int4 groups are 128
+
+
+def _fp8_grouped():
+    """An FP8Linear with two scales per row (ptq never writes one): not quanto's layout."""
+    from compress.modules.fp8_linear import FP8Linear
+
+    m = FP8Linear.from_linear(_lin())
+    m.scale = torch.stack([m.scale, m.scale], 1)
+    return m
 
 
 @pytest.mark.parametrize("case", list(_refused_cases()))
@@ -286,3 +309,161 @@ def test_fp8_weights_map_to_qfloat8(tmp_path):
     quanto.requantize(fresh, load_file(str(tmp_path / "q" / "diffusion_pytorch_model.safetensors")),
                       qmap)
     assert torch.equal(fresh[0].weight.dequantize(), w)
+
+
+# --- the int4 recipes (Int4Linear) on widths that suit quanto's groups -------------------------
+
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["calibration.num_prompts=1", "calibration.steps=2", "passes.0.ptq.calib_samples=2",
+        "eval.enabled=false", "eval.latency=false"]
+
+
+@pytest.fixture(scope="module")
+def wide_pixart_dir(tmp_path_factory) -> Path:
+    """The tiny PixArt pipeline with a 256-wide transformer: every block Linear has 256 or 1024
+    inputs, so quanto groups int4 weights by 128 on all of them (the tiny one is 32 wide, where
+    quanto keeps one scale per row)."""
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+    from tiny_pipelines import TINY_RESOLUTION, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("pixart", seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = PixArtTransformer2DModel(
+            num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8,
+            num_layers=2, norm_num_groups=4, cross_attention_dim=256,
+            sample_size=TINY_RESOLUTION // 2, patch_size=2, caption_channels=32,
+            use_additional_conditions=False)
+    pipe = PixArtSigmaPipeline(**{**pipe.components, "transformer": tr.eval()})
+    out = tmp_path_factory.mktemp("wide_pixart")
+    pipe.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["w4-g64", "w4-gptq"])
+def test_int4_recipes_export_where_quanto_groups_fit(recipe, wide_pixart_dir, tmp_path,
+                                                     monkeypatch):
+    import compress
+    from compress.io.quanto_export import export_quanto
+    from compress.modules.int4 import Int4Linear
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    compress.run_recipe(REPO / "recipes" / f"{recipe}.yaml", model=str(wide_pixart_dir), out=out,
+                        overrides=[*FAST, "passes.0.ptq.weights.group_size=128"])
+    layers = json.loads((out / "transformer" / "compress_manifest.json").read_text()
+                        )["passes"][0]["meta"]["layers"]
+    assert {r["kind"] for r in layers.values()} == {"int4"}  # ptq wrote Int4Linear everywhere
+    dest = export_quanto(out, tmp_path / "q")
+    qmap = json.loads((dest / "quanto_qmap.json").read_text())
+    assert {(v["weights"], v["activations"]) for v in qmap.values()} == {("qint4", "none")}
+    ours, theirs, a, b = _ours_and_theirs(out, dest)
+    int4 = {n for n, m in ours.named_modules() if isinstance(m, Int4Linear)}
+    assert int4 == set(qmap) and len(int4) == len(layers) >= 12
+    # quanto's own groups of 128 (ours are 128 too), not one scale per row
+    assert {theirs.get_submodule(n).weight_group_size for n in int4} == {128}
+    assert _same_weights(ours, theirs) == len(int4)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_int4_g64_recipe_refused_on_quanto_groups_of_128(wide_pixart_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    import compress
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    compress.run_recipe(REPO / "recipes" / "w4-g64.yaml", model=str(wide_pixart_dir), out=out,
+                        overrides=FAST)
+    capsys.readouterr()
+    assert main(["export-quanto", str(out), str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformer_blocks." in err and "group_size: 128" in err and "\n" not in err
+    assert not (tmp_path / "q").exists()
+
+
+# --- fp8 Linear layers and quantised convolutions -----------------------------------------------
+
+
+@pytest.mark.parametrize("conv, qtypes", [
+    ({}, {"qfloat8_e4m3fn"}),  # the patch-embedding conv in fp8 too
+    ({"format": "int", "bits": 4}, {"qfloat8_e4m3fn", "qint4"}),  # conv around an Int4Linear
+])
+def test_fp8_and_conv_pipeline_export_reloads_exactly(conv, qtypes, tiny_pipeline_dir, tmp_path,
+                                                      monkeypatch):
+    from compress.io.quanto_export import export_quanto
+    from compress.modules.fp8_linear import FP8Linear
+    from compress.modules.qconv import QConv2d
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    out = _run(tiny_pipeline_dir("pixart"), tmp_path / "out", {
+        "weights": {"format": "fp8_e4m3"},
+        "include": ["attn_qkv", "attn_out", "cross_attn", "ff_in", "ff_out", "pos_embed.proj"],
+        "overrides": {"pos_embed.proj": conv} if conv else {}})
+    dest = export_quanto(out, tmp_path / "q")
+    qmap = json.loads((dest / "quanto_qmap.json").read_text())
+    assert {v["weights"] for v in qmap.values()} == qtypes
+    ours, theirs, a, b = _ours_and_theirs(out, dest)
+    fp8 = [n for n, m in ours.named_modules() if isinstance(m, FP8Linear)]
+    assert len(fp8) >= 12 and all(qmap[n]["weights"] == "qfloat8_e4m3fn" for n in fp8
+                                  if not n.startswith("pos_embed."))
+    ours_conv, their_conv = ours.get_submodule("pos_embed.proj"), theirs.pos_embed.proj
+    assert isinstance(ours_conv, QConv2d) and isinstance(their_conv, quanto.QConv2d)
+    assert type(ours_conv.wq).__name__ == ("Int4Linear" if conv else "FP8Linear")
+    assert (their_conv.kernel_size, their_conv.stride) == (ours_conv.kernel_size, ours_conv.stride)
+    assert _same_weights(ours, theirs) == len(qmap)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    wrapped = quanto.QuantizedPixArtTransformer2DModel.from_pretrained(str(dest))
+    x, kw = _pixart_inputs()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, **kw)[0], b)
+
+
+class Convs(nn.Module):
+    """Fan-ins 256, 288 and 54: quanto's int4 groups are 128, 96 and one per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, 4, stride=2, padding=1)
+        self.b = nn.Conv2d(32, 24, 3, padding=1, padding_mode="reflect", bias=False)
+        self.c = nn.Conv2d(24, 8, 3, padding="same", groups=4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("kw, inner, qtype, groups", [
+    ({"bits": 4, "group_size": 128}, "Int4Linear", "qint4", [128, 96, None]),
+    ({"bits": 4, "symmetric": False}, "Int4Linear", "qint4", [128, 96, None]),
+    ({"bits": 2, "group_size": 128, "symmetric": False}, "QLinear", "qint2", [128, 96, None]),
+    ({"bits": 8}, "QLinear", "qint8", [None] * 3),
+    ({"format": "fp8_e4m3"}, "FP8Linear", "qfloat8_e4m3fn", [None] * 3),
+])
+def test_conv_maps_onto_quanto_qconv2d(kw, inner, qtype, groups, tmp_path):
+    from safetensors.torch import load_file
+
+    from compress.io.quanto_export import save_quanto, to_quanto
+    from compress.modules.qconv import QConv2d
+
+    torch.manual_seed(0)
+    ours, fresh = Convs(), Convs()
+    fresh.load_state_dict(ours.state_dict())
+    for n in ("a", "b", "c"):
+        setattr(ours, n, QConv2d.from_conv(getattr(ours, n), **kw))
+    assert {type(getattr(ours, n).wq).__name__ for n in ("a", "b", "c")} == {inner}
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        ref = ours(x)
+    w_ours = {n: getattr(ours, n).dequantized_weight() for n in ("a", "b", "c")}
+    save_quanto(to_quanto(ours), tmp_path / "q")
+    qmap = json.loads((tmp_path / "q" / "quanto_qmap.json").read_text())
+    assert qmap == {n: {"weights": qtype, "activations": "none"} for n in ("a", "b", "c")}
+    quanto.requantize(fresh, load_file(str(tmp_path / "q" / "diffusion_pytorch_model.safetensors")),
+                      qmap)
+    for n, g in zip(("a", "b", "c"), groups, strict=True):
+        m = getattr(fresh, n)
+        assert isinstance(m, quanto.QConv2d) and m.weight_group_size == g
+        assert torch.equal(m.weight.dequantize(), w_ours[n]), n
+    assert fresh.b.bias is None and torch.equal(fresh.a.bias, ours.a.bias)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

@@ -1,12 +1,16 @@
 """Export a ptq output to optimum-quanto's own format, so that quanto's ``requantize`` reads it.
 
 What maps exactly (integer codes and scales carried over unchanged, scales stored as float32):
-- weight-only int8, symmetric, per output channel -> ``qint8`` weights;
-- weight-only int4 / int2 (symmetric or with a zero point), per channel or grouped, when every
-  one of quanto's weight groups for that layer lies inside one of ours -> ``qint4`` / ``qint2``
-  (quanto picks the group itself from the input width: 128, else 96, 64, 32 dividing it, else
-  one group per row; our scale and zero point are repeated over its groups);
-- fp8 (e4m3) weights, one scale per output channel -> ``qfloat8_e4m3fn`` weights;
+- weight-only int8 (``QLinear``), symmetric, per output channel -> ``qint8`` weights;
+- weight-only int4 / int2 (``QLinear``, and ``Int4Linear`` for int4), symmetric or with a zero
+  point, per channel or grouped, when every one of quanto's weight groups for that layer lies
+  inside one of ours -> ``qint4`` / ``qint2`` (quanto picks the group itself from the input
+  width: 128, else 96, 64, 32 dividing it, else one group per row; our scale and zero point
+  are repeated over its groups);
+- fp8 (e4m3) weights (``FP8Linear``), one scale per output channel -> ``qfloat8_e4m3fn``;
+- ``QConv2d`` (a Conv2d whose flattened weight ``[out, in/groups*kh*kw]`` is held by one of the
+  above) -> quanto's ``QConv2d`` with the same geometry, under the same rules: quanto groups a
+  conv's flattened weight the same way (its group size comes from that same fan-in);
 - static int8 activations with one scale (no timestep groups, no smoothing vector), with int8
   or per-channel int4 weights -> ``qint8`` activations whose ``input_scale`` is ours.
 Bits may differ per layer: quanto's map is per layer. Everything else is refused with a
@@ -39,6 +43,7 @@ QMAP = "quanto_qmap.json"
 # weight-only layers of compress.modules that map, besides QLinear (matched by class name: they
 # are imported only when a model holds them)
 WEIGHT_ONLY = ("Int4Linear", "FP8Linear")
+CONV = "QConv2d"  # a Conv2d around one of the weight-only matrices
 CONFIG = "config.json"
 _ACT_QMAX = 127.0  # quanto's per-tensor abs-max scale divides by int8's largest value
 
@@ -71,9 +76,22 @@ def _refuse(name: str, why: str, instead: str) -> UserError:
 
 
 def _quanto_group(q, in_f: int, out_f: int, qtype) -> int | None:
-    """The group size quanto itself will choose for this layer on reload (None: per row)."""
+    """The group size quanto itself will choose for this layer on reload (None: per row).
+
+    quanto derives it from ``weight.numel() // out`` for Linear and Conv2d alike, so for a conv
+    ``in_f`` is the flattened fan-in ``in/groups * kh * kw``.
+    """
     probe = q.QLinear(in_f, out_f, False, device="meta", weights=qtype)
     return probe.weight_group_size
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[torch.Size, tuple[int, ...]]:
+    return torch.Size(shape), torch.empty(shape, device="meta").stride()
+
+
+def _per_row(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """[out] or [out, 1] -> [out, 1, ...] broadcasting against a weight of ``shape``."""
+    return t.reshape(shape[0], *([1] * (len(shape) - 1))).contiguous()
 
 
 def _expand_groups(name: str, in_f: int, span: int, n_ours: int, gq: int | None) -> torch.Tensor:
@@ -97,11 +115,18 @@ def _expand_groups(name: str, in_f: int, span: int, n_ours: int, gq: int | None)
 
 
 def _qbits_weight(q, name: str, codes: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor | None, bits: int, span: int):
+                  zero: torch.Tensor | None, bits: int, span: int,
+                  shape: tuple[int, ...] | None = None):
     """Unsigned codes [out, in] (offset 2**(bits-1) when symmetric), scales [out, groups of
-    ``span`` inputs] -> quanto WeightQBitsTensor on quanto's own grouping."""
+    ``span`` inputs] -> quanto WeightQBitsTensor on quanto's own grouping.
+
+    ``shape``: the weight's own shape when it is not [out, in] (a conv kernel [out, c, kh, kw],
+    whose row-major flattening is ``codes``); quanto's groups of a contiguous tensor are
+    ``reshape(-1, group)`` of it, i.e. the same runs of inputs along each flattened row.
+    """
     qtype = {4: q.qint4, 2: q.qint2}[bits]
     out_f, in_f = codes.shape
+    shape = tuple(shape) if shape is not None else (out_f, in_f)
     gq = _quanto_group(q, in_f, out_f, qtype)
     idx = _expand_groups(name, in_f, span, scale.shape[1], gq)
     s = scale.float()[:, idx].reshape(-1, 1).contiguous()
@@ -110,18 +135,27 @@ def _qbits_weight(q, name: str, codes: torch.Tensor, scale: torch.Tensor,
     else:
         shift = zero[:, idx].reshape(-1, 1).to(torch.uint8).contiguous()
     data = codes.to(torch.uint8)
-    data = data.reshape(-1, gq).contiguous() if gq is not None else data.contiguous()
-    w = q.WeightQBitsTensor(qtype, 0, gq, torch.Size((out_f, in_f)), (in_f, 1), data, s, shift)
+    if gq is not None:
+        data = data.reshape(-1, gq).contiguous()
+    else:  # one scale per row: data keeps the weight's shape, scales broadcast against it
+        data, s, shift = data.reshape(shape).contiguous(), _per_row(s, shape), _per_row(shift, shape)
+    size, stride = _contiguous(shape)
+    w = q.WeightQBitsTensor(qtype, 0, gq, size, stride, data, s, shift)
     return qtype, w
 
 
-def _qbytes_weight(q, codes: torch.Tensor, scale: torch.Tensor, act_qtype):
-    """int8 codes [out, in] and per-row scales -> quanto WeightQBytesTensor (qint8)."""
+def _qbytes_weight(q, codes: torch.Tensor, scale: torch.Tensor, act_qtype, qtype=None,
+                   shape: tuple[int, ...] | None = None):
+    """8-bit codes [out, in] (int8, or float8 for a float qtype) and per-row scales -> quanto
+    WeightQBytesTensor (default qint8) of ``shape`` (default [out, in])."""
+    qtype = q.qint8 if qtype is None else qtype
     out_f, in_f = codes.shape
-    s = scale.float().reshape(out_f, 1).contiguous()
-    w = q.WeightQBytesTensor(q.qint8, 0, torch.Size((out_f, in_f)), (in_f, 1),
-                             codes.to(torch.int8).contiguous(), s, act_qtype)
-    return q.qint8, w
+    shape = tuple(shape) if shape is not None else (out_f, in_f)
+    data = codes if qtype.is_floating_point else codes.to(torch.int8)
+    size, stride = _contiguous(shape)
+    w = q.WeightQBytesTensor(qtype, 0, size, stride, data.reshape(shape).contiguous(),
+                             _per_row(scale.float(), shape), act_qtype)
+    return qtype, w
 
 
 def _int_codes(m) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
@@ -135,13 +169,21 @@ def _int_codes(m) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None,
     return m.bits, codes, m.scale, m.zero, -(-m.in_features // m.scale.shape[1])
 
 
-def _weight_only(q, name: str, m) -> tuple:
+def _weight_only(q, name: str, m, shape: tuple[int, ...] | None = None) -> tuple:
+    """(quanto weight qtype, quanto weight tensor) for a weight-only matrix ``m`` (of ``shape``
+    when it is a conv's flattened kernel)."""
     if type(m).__name__ == "FP8Linear":
-        qtype = q.qtypes["qfloat8_e4m3fn"]
-        out_f, in_f = m.qweight.shape
-        w = q.WeightQBytesTensor(qtype, 0, torch.Size((out_f, in_f)), (in_f, 1),
-                                 m.qweight.contiguous(), m.scale.float().reshape(out_f, 1), None)
-        return qtype, w
+        # ours: fp32 scale per output channel, dequantised as float(code) * scale in fp32 --
+        # exactly quanto's qfloat8 weight on axis 0 with float32 scales (a single scale is
+        # repeated over the rows; any other layout is not one scale per row).
+        out_f = m.qweight.shape[0]
+        scale = m.scale.reshape(-1) if m.scale.numel() in (1, out_f) else None
+        if scale is None or m.scale.dim() > 2 or (m.scale.dim() == 2 and m.scale.shape[1] != 1):
+            raise _refuse(name, f"fp8 scales of shape {list(m.scale.shape)}, not one per output "
+                          "channel as quanto's qfloat8_e4m3fn weights have",
+                          "re-run ptq with weights.format: fp8_e4m3")
+        scale = scale.expand(out_f)
+        return _qbytes_weight(q, m.qweight, scale, None, q.qtypes["qfloat8_e4m3fn"], shape)
     bits, codes, scale, zero, span = _int_codes(m)
     if bits not in (2, 4, 8):
         raise _refuse(name, f"int{bits} weights have no quanto type (it has qint2, qint4, qint8)",
@@ -153,8 +195,9 @@ def _weight_only(q, name: str, m) -> tuple:
         if scale.shape[1] != 1:
             raise _refuse(name, "grouped int8; quanto's qint8 has one scale per row",
                           "re-run ptq with weights.granularity: channel")
-        return _qbytes_weight(q, (codes.to(torch.int16) - 128).to(torch.int8), scale[:, 0], None)
-    return _qbits_weight(q, name, codes, scale, zero, bits, span)
+        return _qbytes_weight(q, (codes.to(torch.int16) - 128).to(torch.int8), scale[:, 0], None,
+                              shape=shape)
+    return _qbits_weight(q, name, codes, scale, zero, bits, span, shape)
 
 
 def _w8a8(q, name: str, m) -> tuple:
@@ -186,16 +229,23 @@ def _plan(root: nn.Module) -> dict[str, nn.Module]:
 
     plan = {}
     for name, m in _compress_modules(root):
-        if isinstance(m, (QLinear, W8A8Linear)) or type(m).__name__ in WEIGHT_ONLY:
+        kind = type(m).__name__
+        if isinstance(m, (QLinear, W8A8Linear)) or kind in WEIGHT_ONLY:
             plan[name] = m
             continue
-        kind = type(m).__name__
+        if kind == CONV:
+            inner = type(m.wq).__name__
+            if not (isinstance(m.wq, QLinear) or inner in WEIGHT_ONLY):
+                raise _refuse(name, f"a convolution whose weight is held by {inner} has no "
+                              "quanto equivalent", "re-run ptq with weight-only int2/4/8 or fp8")
+            plan[name] = m
+            continue
         why = {"LowRankQLinear": "a 16-bit low-rank branch with int4 activations (W4A4) has no "
                "quanto equivalent", "W8A8FeedForward": "a fused int8 feed-forward is not an "
-               "nn.Linear quanto can replace", "QConv2d": "quantised convolutions are not mapped "
-               "to quanto by this exporter"}
+               "nn.Linear quanto can replace"}
         raise _refuse(name, why.get(kind, f"{kind} has no quanto equivalent"),
-                      "export weight-only int2/4/8 or fp8 Linear layers, or static w8a8/w4a8")
+                      "export weight-only int2/4/8 or fp8 Linear/Conv2d layers, or static "
+                      "w8a8/w4a8")
     if not plan:
         raise UserError("export-quanto: no layer quantised by the ptq pass; nothing to export")
     return plan
@@ -212,9 +262,33 @@ def check_representable(transformer: nn.Module) -> None:
 # conversion
 
 
+def _convert_conv(q, name: str, m) -> nn.Module:
+    """Our QConv2d -> quanto's frozen QConv2d (weight-only) with the same geometry and bias."""
+    shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    wq, w = _weight_only(q, name, m.wq, shape)
+    bias = m.bias
+    new = q.QConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                    padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=bias is not None, padding_mode=m.padding_mode, device="meta",
+                    dtype=torch.float32, weights=wq)
+    if new.weight_group_size != getattr(w, "_group_size", None):  # pragma: no cover
+        # quanto's QConv2d picks its group from the flattened fan-in, as probed for QLinear
+        raise _refuse(name, f"quanto would group this conv's weight by {new.weight_group_size}",
+                      "re-run ptq with granularity: channel")
+    new.weight = nn.Parameter(w, requires_grad=False)
+    new.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                      requires_grad=False)
+    new.input_scale = torch.ones((), dtype=torch.float32)
+    new.output_scale = torch.ones((), dtype=torch.float32)
+    new.name = name
+    return new.eval()
+
+
 def _convert_one(q, name: str, m) -> nn.Module:
     from compress.modules.w8a8 import W8A8Linear
 
+    if type(m).__name__ == CONV:
+        return _convert_conv(q, name, m)
     act = None
     if isinstance(m, W8A8Linear):
         wq, w = _w8a8(q, name, m)
@@ -261,7 +335,8 @@ def output_absmax(transformer: nn.Module, calibrate_fn: Callable[[nn.Module], ob
 
 def to_quanto(transformer: nn.Module,
               calibrate_fn: Callable[[nn.Module], object] | None = None) -> nn.Module:
-    """Replace our quantised layers in ``transformer`` (in place) by quanto's frozen QLinear.
+    """Replace our quantised layers in ``transformer`` (in place) by quanto's frozen QLinear
+    (QConv2d for our quantised convolutions).
 
     Args:
         transformer: a model holding the ptq pass's layers (e.g. from ``load_transformer``).

@@ -4,7 +4,7 @@ family adapters share (diffusers names its attention and feed-forward layers the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,61 @@ class _GenericAdapter(FamilyAdapter):
         for attr in _generic_block_lists(transformer):
             out.extend((f"{attr}.{i}", b) for i, b in enumerate(getattr(transformer, attr)))
         return out
+
+    def prepare(self, transformer: nn.Module) -> list[dict]:
+        """Make every weight reachable by module swaps; call once before selecting layers.
+
+        Replaces ``nn.MultiheadAttention`` (packed ``in_proj_weight``, ``out_proj`` read raw)
+        and ``nn.TransformerEncoderLayer`` / ``DecoderLayer`` / ``Encoder`` (fused fast path)
+        by numerically equivalent modules built from real ``nn.Linear`` children
+        (``self_attn.q_proj`` ...), in place. Returns the records of what was replaced (with the
+        parameter name mapping); :func:`restore_prepared` replays them on an empty skeleton.
+        Idempotent: a second call finds nothing left to replace and returns ``[]``.
+        """
+        from compress.modules.mha import unfuse
+
+        return unfuse(transformer)
+
+    def weight_layers(self, transformer: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+        """As the base, but the projections of an unfused attention get attention roles
+        whatever the attention module is called (``pool.out_proj`` is attn_out, not other),
+        and the ``out_proj`` of a torch ``nn.MultiheadAttention`` left unprepared is not
+        offered at all: torch reads its ``.weight`` raw, so swapping it would break the model."""
+        from compress.modules.mha import UnfusedMultiheadAttention
+
+        attn, raw = {}, set()
+        for n, m in transformer.named_modules():
+            if isinstance(m, UnfusedMultiheadAttention):
+                attn[n] = m
+            elif isinstance(m, nn.MultiheadAttention):
+                raw.add(f"{n}.out_proj" if n else "out_proj")
+        for name, mod, role in super().weight_layers(transformer):
+            if name in raw:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            owner = attn.get(parent)
+            if owner is not None and leaf in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                if owner.cross or role == "cross_attn":
+                    role = "cross_attn"
+                else:
+                    role = "attn_out" if leaf == "out_proj" else "attn_qkv"
+            yield name, mod, role
+
+
+def restore_prepared(transformer: nn.Module, records: list[dict]) -> None:
+    """Replay :meth:`_GenericAdapter.prepare` on a skeleton of the same model (e.g. on the meta
+    device) before the quantised layers are rebuilt; fails if the skeleton does not match."""
+    from compress.errors import UserError
+    from compress.modules.mha import unfuse
+
+    got = [(r["module"], r["was"], r["now"]) for r in unfuse(transformer)]
+    want = [(r["module"], r["was"], r["now"]) for r in records]
+    if got != want:
+        diff = sorted(set(want) ^ set(got))[:3]
+        raise UserError(
+            f"ptq: the model's attention/transformer layers do not match the manifest "
+            f"(differs at {diff}); rebuild the same model class and config before loading"
+        )
 
 
 ADAPTER = _GenericAdapter(

@@ -1,8 +1,10 @@
-"""ptq: post-training quantisation of the transformer's Linear layers.
+"""ptq: post-training quantisation of the transformer's Linear and Conv2d layers.
 
 Weights: int8/6/4/3/2 per output channel or grouped, symmetric or asymmetric, round-to-nearest
 or GPTQ (block by block, each block calibrated on inputs that already carry the earlier blocks'
-quantisation). Activations (optional): int8 on the int8 GEMM, per token (dynamic) or per
+quantisation); or fp8 e4m3 with a scale per output channel. Conv2d layers (patch embedders,
+conv feed-forwards) and the auxiliary layers (embedders, adaLN, the final projection) are
+always weight-only. Activations (optional): int8 on the int8 GEMM, per token (dynamic) or per
 tensor (static, with separate scales per group of denoising steps); int4 with a 16-bit
 low-rank branch (SVDQuant-style). Outliers: SmoothQuant channel balancing with a searched
 strength, folded into the weights. Mixed precision: per-layer sensitivity (output error and
@@ -19,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import UserError
-from compress.modules.qlinear import QLinear
 from compress.modules.swap import set_submodule
 from compress.quant import qtensor
 from compress.quant.qtensor import sqnr_db
@@ -28,15 +29,36 @@ from compress.targets import resolve, select
 
 DEFAULT_INCLUDE = ["attn_qkv", "attn_out", "cross_attn", "ff_in", "ff_out"]
 Bits = Literal[2, 3, 4, 6, 8]
+Format = Literal["int", "fp8_e4m3"]
+# Roles that stay weight-only (float activations) even when activations are quantised, and that
+# mixed precision may keep in 16 bits: embedders, adaLN modulation, the final projection.
+AUX_ROLES = ("embed", "adaln", "proj_out")
+LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_fp8(fmt: str | None, bits: int | None, granularity: str | None,
+               symmetric: bool | None) -> None:
+    if fmt != "fp8_e4m3":
+        return
+    if not qtensor.fp8_available():
+        raise ValueError(f"format fp8_e4m3 needs torch >= 2.1 (float8_e4m3fn); this is "
+                         f"torch {torch.__version__}: use format: int")
+    if bits not in (None, 8) or granularity == "group" or symmetric is False:
+        raise ValueError("format fp8_e4m3 stores 8-bit floats with one scale per output channel: "
+                         "drop bits/granularity/symmetric (or use bits: 8, granularity: channel)")
+
+
 class WeightSpec(Strict):
     """How weights are quantised."""
 
+    format: Format = Field(
+        "int", description="int: integer codes of `bits`; fp8_e4m3: float8 weights, one scale "
+        "per output channel (weight-only)"
+    )
     bits: Bits = Field(8, description="integer bits per weight")
     granularity: Literal["channel", "group"] = Field(
         "channel", description="one scale per output channel, or per group of inputs"
@@ -47,15 +69,26 @@ class WeightSpec(Strict):
     def group(self) -> int | None:
         return self.group_size if self.granularity == "group" else None
 
+    @model_validator(mode="after")
+    def _fp8(self) -> WeightSpec:
+        _check_fp8(self.format, self.bits, self.granularity, self.symmetric)
+        return self
+
 
 class LayerOverride(Strict):
     """Per-layer changes to the default WeightSpec; skip=true keeps the layer in full precision."""
 
     skip: bool = False
+    format: Format | None = None
     bits: Bits | None = None
     granularity: Literal["channel", "group"] | None = None
     group_size: int | None = Field(None, ge=8)
     symmetric: bool | None = None
+
+    @model_validator(mode="after")
+    def _fp8(self) -> LayerOverride:
+        _check_fp8(self.format, self.bits, self.granularity, self.symmetric)
+        return self
 
 
 class ActSpec(Strict):
@@ -127,6 +160,11 @@ class Config(Strict):
             raise ValueError("timestep_groups needs activations.mode: static")
         if self.lowrank is not None and (a is None or a.bits != 4):
             raise ValueError("lowrank is for W4A4: set activations.bits: 4")
+        if self.weights.format == "fp8_e4m3":
+            used = [k for k in ("activations", "gptq", "mixed_precision") if getattr(self, k)]
+            if used:
+                raise ValueError(f"weights.format fp8_e4m3 is weight-only round-to-nearest: drop "
+                                 f"{', '.join(used)} (or use fp8 for some layers via overrides)")
         if self.mixed_precision is not None and a is not None and a.bits == 8:
             bad = [b for b in self.mixed_precision.candidates if b not in (4, 8)]
             if bad:
@@ -141,7 +179,10 @@ def layer_spec(cfg: Config, name: str, role: str) -> WeightSpec | None:
     if ov.skip:
         return None
     data = cfg.weights.model_dump()
-    data.update({k: v for k, v in ov.model_dump().items() if v is not None and k != "skip"})
+    changes = {k: v for k, v in ov.model_dump().items() if v is not None and k != "skip"}
+    if changes.get("format") == "fp8_e4m3":  # fp8 has its own layout, whatever the default's
+        data.update(bits=8, granularity="channel", symmetric=True)
+    data.update(changes)
     return WeightSpec(**data)
 
 
@@ -154,21 +195,27 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     from compress.modules.w8a8 import TimestepContext, attach_timestep_context
 
     tr = handle.transformer
-    chosen = select(handle.adapter, tr, cfg.include, cfg.exclude)
+    prepare = getattr(handle.adapter, "prepare", None)  # e.g. unfuse nn.MultiheadAttention
+    prepared = prepare(tr) if prepare is not None else []
+    chosen = select(handle.adapter, tr, cfg.include, cfg.exclude, types=LAYER_TYPES)
     if not chosen:
-        raise UserError(f"ptq: no Linear layer matches include={cfg.include} exclude={cfg.exclude}")
+        raise UserError(f"ptq: no Linear/Conv2d layer matches include={cfg.include} "
+                        f"exclude={cfg.exclude}")
     if _needs_data(cfg) and (calib is None or len(calib) == 0):
         raise UserError("ptq: activations/smoothing/gptq/lowrank/mixed_precision need calibration data")
     total_params = sum(p.numel() for p in tr.parameters())
     specs = {n: layer_spec(cfg, n, r) for n, _, r in chosen}
     roles = {n: r for n, _, r in chosen}
     specs = {n: s for n, s in specs.items() if s is not None}
+    aux = _auxiliary(handle, chosen)
+    act = {n for n, m, _ in chosen if n in specs and n not in aux and isinstance(m, nn.Linear)
+           and specs[n].format == "int"} if cfg.activations is not None else set()
 
     mp_report = None
     if cfg.mixed_precision is not None:
-        alloc_bits, mp_report = _mixed_precision(handle, calib, cfg, specs, roles)
-        specs = {n: s.model_copy(update={"bits": alloc_bits[n]}) for n, s in specs.items()
-                 if alloc_bits.get(n, 16) < 16}
+        alloc_bits, mp_report = _mixed_precision(handle, calib, cfg, specs, roles, aux, act)
+        specs = {n: s.model_copy(update={"bits": alloc_bits[n]}) if n in alloc_bits else s
+                 for n, s in specs.items() if alloc_bits.get(n, 0) < 16}
 
     a = cfg.activations
     ctx = None
@@ -186,13 +233,16 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         stats = _collect(handle, calib, cfg, stage, names, ctx) if data else None
         for n in names:
             mod = tr.get_submodule(n)
-            new, info, err = _quantize_layer(mod, specs[n], cfg, stats, n, ctx)
+            new, info, err = _quantize_layer(mod, specs[n], cfg, stats, n, ctx, n in act)
             set_submodule(tr, n, new)
             meta_layers[n] = info
-            rows.append({"layer": n, "role": roles[n], "bits": specs[n].bits,
+            rows.append({"layer": n, "role": roles[n], "kind": info["kind"],
+                         "format": specs[n].format, "bits": specs[n].bits,
                          "group_size": specs[n].group(),
-                         "act_bits": a.bits if a else None, **err})
+                         "act_bits": a.bits if n in act else None, **err})
     meta: dict = {"layers": meta_layers}
+    if prepared:
+        meta["prepared"] = prepared
     if ctx is not None:
         meta["timestep_context"] = ctx.to_dict()
     used = forward_coverage(handle, calib, list(meta_layers))
@@ -211,6 +261,8 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     }
     if mp_report is not None:
         report["mixed_precision"] = mp_report
+    if prepared:
+        report["prepared"] = prepared  # modules replaced before selection, old -> new names
     return PassResult(meta=meta, report=report)
 
 
@@ -237,7 +289,9 @@ def _collect(handle, calib, cfg: Config, stage, names, ctx) -> dict:
         if ctx is not None:
             current["g"] = ctx.group_of(t)
 
-    obs = attach(mods, group_fn=group_fn, act=True, hessian=cfg.gptq is not None)
+    # Grouped (depthwise) convs have no single input Hessian: rows only, round-to-nearest.
+    observed = {n: m for n, m in mods.items() if getattr(m, "groups", 1) == 1}
+    obs = attach(observed, group_fn=group_fn, act=True, hessian=cfg.gptq is not None)
     rs = RowSampler(mods, max_rows=256)
     try:
         run_stage(handle, calib, stage, cfg.calib_samples, on_sample)
@@ -247,8 +301,16 @@ def _collect(handle, calib, cfg: Config, stage, names, ctx) -> dict:
     return {"obs": obs, "rows": rs}
 
 
-def _codes(mod: nn.Linear, w: torch.Tensor, spec: WeightSpec, cfg: Config, stats, name: str):
-    if cfg.gptq is not None and stats is not None:
+def _auxiliary(handle, chosen) -> set[str]:
+    """Layers that stay weight-only and may stay 16-bit in mixed precision: embedders, adaLN,
+    the final projection, and whatever lies outside the blocks (when the model has blocks)."""
+    blocks = [b for b, _ in handle.adapter.blocks(handle.transformer)]
+    return {n for n, _, r in chosen
+            if r in AUX_ROLES or (blocks and not any(n.startswith(b + ".") for b in blocks))}
+
+
+def _codes(mod: nn.Module, w: torch.Tensor, spec: WeightSpec, cfg: Config, stats, name: str):
+    if cfg.gptq is not None and stats is not None and name in stats["obs"].hessian:
         from compress.quant.gptq import gptq_quantize
 
         h = stats["obs"].hessian[name].mean()
@@ -258,12 +320,15 @@ def _codes(mod: nn.Linear, w: torch.Tensor, spec: WeightSpec, cfg: Config, stats
 
 
 @torch.no_grad()
-def _quantize_layer(mod: nn.Linear, spec: WeightSpec, cfg: Config, stats, name: str, ctx):
+def _quantize_layer(mod: nn.Module, spec: WeightSpec, cfg: Config, stats, name: str, ctx,
+                    act: bool):
     from compress.modules.lowrank_linear import LowRankQLinear
     from compress.modules.w4a8 import W4A8Linear
     from compress.modules.w8a8 import W8A8Linear
     from compress.quant.smooth import fake_quant_act, search_alpha, smooth_scales
 
+    if not act:
+        return _weight_only(mod, spec, cfg, stats, name)
     a = cfg.activations
     w = mod.weight.detach().float()
     info = {"in": mod.in_features, "out": mod.out_features, "bias": mod.bias is not None,
@@ -331,20 +396,42 @@ def _quantize_layer(mod: nn.Linear, spec: WeightSpec, cfg: Config, stats, name: 
             err["output_sqnr_db"] = round(sqnr_db(ref, xq @ wq.T), 2)
         return new, info, err
 
-    # weight-only
-    codes, scale, zero = _codes(mod, w, spec, cfg, stats, name)
-    new = QLinear(mod.in_features, mod.out_features, mod.bias is not None, spec.bits,
-                  spec.group(), spec.symmetric, device=w.device)
-    new.qweight.copy_(qtensor.pack(codes, spec.bits))
-    new.scale.copy_(scale)
-    if zero is not None:
-        new.zero.copy_(zero)
-    if mod.bias is not None:
-        new.bias.data.copy_(mod.bias.detach().float())
-    info["kind"] = "weight_only"
-    err = {"weight_sqnr_db": round(sqnr_db(w, new.dequantized_weight()), 2)}
+    raise AssertionError(f"ptq: no quantiser for activation bits {a.bits}")
+
+
+@torch.no_grad()
+def _weight_only(mod: nn.Module, spec: WeightSpec, cfg: Config, stats, name: str):
+    """Linear -> QLinear / Int4Linear / FP8Linear; Conv2d -> QConv2d around one of them."""
+    from compress.modules.qconv import QConv2d
+    from compress.modules.weight_only import matrix_from_codes, quantize_matrix
+    from compress.quant.observers import rows_linear
+
+    conv = isinstance(mod, nn.Conv2d)
+    w = mod.weight.detach().float().flatten(1)  # a conv's weight as [out, in/groups * kh * kw]
+    bias = None if conv else mod.bias
+    info = {"in": w.shape[1], "out": w.shape[0], "bias": mod.bias is not None,
+            "bits": spec.bits, "group_size": spec.group(), "symmetric": spec.symmetric}
+    err: dict = {}
+    if spec.format == "fp8_e4m3":
+        mat, kind = quantize_matrix(w, bias, spec.format, 8, None, True)
+    else:
+        if cfg.gptq is not None:
+            gptq = stats is not None and name in stats["obs"].hessian
+            err["method"] = "gptq" if gptq else "rtn"  # grouped convs have no single Hessian
+        codes, scale, zero = _codes(mod, w, spec, cfg, stats, name)
+        mat, kind = matrix_from_codes(codes, scale, zero, spec.bits, spec.group(), bias)
+    if conv:
+        new = QConv2d.wrap(mod, mat)
+        info.update({"kind": "conv", "matrix": kind, **new.geometry()})
+    else:
+        new = mat
+        info["kind"] = kind
+    wq = mat.dequantized_weight()
+    err["weight_sqnr_db"] = round(sqnr_db(w, wq), 2)
+    x = stats["rows"].get(name) if stats is not None else None
     if x is not None:
-        err["output_sqnr_db"] = round(sqnr_db(x @ w.T, x @ new.dequantized_weight().T), 2)
+        x, g = x.to(w.device), getattr(mod, "groups", 1)
+        err["output_sqnr_db"] = round(sqnr_db(rows_linear(x, w, g), rows_linear(x, wq, g)), 2)
     return new, info, err
 
 
@@ -376,50 +463,74 @@ def _static_scales(stats, name: str, s, ctx) -> torch.Tensor:
     return torch.tensor(out).clamp_min(1e-8)
 
 
-def _mixed_precision(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles):
-    """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate."""
+def _mixed_precision(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles,
+                     aux: set[str], act: set[str]):
+    """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate.
+
+    Every integer-format layer takes part (fp8 ones keep their format). Auxiliary layers
+    (embedders, adaLN, the final projection, convs outside the blocks) are weight-only and may
+    also stay in 16 bits, which the budget counts at 16 bits a weight.
+    """
     from compress.quant import mixed
     from compress.quant.collect import RowSampler, run_stage
-    from compress.quant.sensitivity import image_tables, output_tables
+    from compress.quant.sensitivity import Choice, image_tables, output_tables
     from compress.targets import matches
 
     mp = cfg.mixed_precision
     tr = handle.transformer
-    mods = {n: tr.get_submodule(n) for n in specs}
+    mods = {n: tr.get_submodule(n) for n, s in specs.items() if s.format == "int"}
+    if not mods:
+        return {}, None
     rs = RowSampler(mods, max_rows=256)
     try:
         run_stage(handle, calib, None, cfg.calib_samples)
     finally:
         rs.remove()
-    weights = {n: m.weight.detach().float() for n, m in mods.items()}
+    weights = {n: m.weight.detach().float().flatten(1) for n, m in mods.items()}
     inputs = {n: rs.get(n) for n in mods}
-    group = None if cfg.activations is not None else cfg.weights.group()
     a_bits = cfg.activations.bits if cfg.activations is not None else None
-    cands = sorted(set(mp.candidates))
+    base = set(mp.candidates)
+    choices = {
+        n: Choice(tuple(sorted(base | ({mixed.FLOAT_BITS} if n in aux else set()))),
+                  specs[n].group(), specs[n].symmetric, a_bits if n in act else None,
+                  getattr(m, "groups", 1))
+        for n, m in mods.items()
+    }
     tables = []
-    out_t = output_tables(weights, inputs, cands, group, a_bits)
+    out_t = output_tables(weights, inputs, choices)
     tables.append(mixed.normalise(out_t))
     img_t = None
     if "image" in mp.metrics and handle.pipeline is not None and handle.adapter.generate:
         m = calib.meta
         prompts = list(m["prompts"])[: mp.image_prompts]
         seeds = list(m["seeds"])[: mp.image_prompts]
-        img_t = image_tables(handle, mods, cands, group, prompts, seeds, mp.image_steps,
+        img_t = image_tables(handle, mods, choices, prompts, seeds, mp.image_steps,
                              m.get("guidance"), m.get("resolution"))
         tables.append(mixed.normalise(img_t))
     sens = mixed.combine(tables)
     params = {n: w.numel() for n, w in weights.items()}
-    keep = [n for n in specs if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
-    cost = mixed.storage_cost({n: w.shape[1] for n, w in weights.items()}, group)
-    alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
+    keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
+
+    def cost(n: str, b: int) -> float:
+        return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
+
+    try:
+        alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
+    except ValueError as exc:
+        raise UserError(f"ptq.mixed_precision: {exc}; raise avg_bits or narrow include/keep_high"
+                        ) from None
     table = [
-        {"layer": n, "role": roles[n], "bits": alloc.bits[n],
-         **{f"out_err@{b}": round(out_t[n][b], 6) for b in cands},
-         **({f"img_err@{b}": round(img_t[n][b], 8) for b in cands} if img_t else {})}
-        for n in specs
+        {"layer": n, "role": roles[n], "bits": alloc.bits[n], "params": params[n],
+         "act_bits": choices[n].a_bits,
+         **{f"out_err@{b}": round(out_t[n][b], 6) for b in choices[n].candidates},
+         **({f"img_err@{b}": round(img_t[n][b], 8) for b in choices[n].candidates}
+            if img_t else {})}
+        for n in mods
     ]
+    kept = [n for n in mods if alloc.bits[n] >= mixed.FLOAT_BITS]
     return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
-                        "metrics": mp.metrics if img_t else ["output"], "table": table}
+                        "metrics": mp.metrics if img_t else ["output"],
+                        "kept_full_precision": kept, "table": table}
 
 
 def forward_coverage(handle, calib, names: list[str]) -> list[str] | None:
@@ -431,16 +542,30 @@ def forward_coverage(handle, calib, names: list[str]) -> list[str] | None:
         return None
     tr = handle.transformer
     ran: set[str] = set()
-    hooks = [
-        tr.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: ran.add(n)) for n in names
-    ]
+    # Wrap each module's forward on the instance rather than registering hooks: torch's fused
+    # TransformerEncoderLayer path switches itself off when any hook is attached, so a hook
+    # would measure the slow path that inference never takes.
+    mods = {n: tr.get_submodule(n) for n in names}
+    saved = {n: m.__dict__.get("forward") for n, m in mods.items()}
+
+    def recording(n: str, fwd):
+        def forward(*args, **kwargs):
+            ran.add(n)
+            return fwd(*args, **kwargs)
+        return forward
+
+    for n, m in mods.items():
+        m.forward = recording(n, m.forward)
     try:
         s = calib.sample(0)
         with torch.no_grad():
             handle.adapter.call(tr, s.args, s.kwargs)
     finally:
-        for h in hooks:
-            h.remove()
+        for n, m in mods.items():
+            if saved[n] is None:
+                del m.forward
+            else:
+                m.forward = saved[n]
     return [n for n in names if n in ran]
 
 
@@ -449,11 +574,16 @@ def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
     from compress.modules.w4a8 import W4A8Linear
     from compress.modules.w8a8 import TimestepContext, W8A8Linear
 
+    if meta.get("prepared"):
+        from compress.models.generic import restore_prepared
+
+        restore_prepared(transformer, meta["prepared"])
     for name, m in meta["layers"].items():
         kind = m.get("kind", "weight_only")
-        if kind == "weight_only":
-            q = QLinear(m["in"], m["out"], m["bias"], m["bits"], m["group_size"], m["symmetric"],
-                        device="meta")
+        if kind in ("weight_only", "int4", "fp8", "conv"):
+            from compress.modules.weight_only import empty_layer
+
+            q = empty_layer(m, device="meta")
         elif kind in ("w8a8", "w4a8"):
             cls = W4A8Linear if kind == "w4a8" else W8A8Linear
             q = cls(m["in"], m["out"], m["bias"], m["act"], m["n_groups"], m["smooth"],

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from compress.quant.observers import patch_rows
+
 
 def stages(handle, names: list[str]) -> list[tuple[str | None, list[str]]]:
     """[(block name or None for the rest, [layer names])] in execution order."""
@@ -53,7 +55,10 @@ def run_stage(
 
 
 class RowSampler:
-    """Keeps up to ``max_rows`` input rows per layer (evenly spaced, deterministic)."""
+    """Keeps up to ``max_rows`` input rows per layer (evenly spaced, deterministic).
+
+    A Conv2d's rows are its unfolded input patches (see ``observers.patch_rows``).
+    """
 
     def __init__(self, modules: dict[str, nn.Module], max_rows: int = 256,
                  group_fn: Callable[[], int] | None = None) -> None:
@@ -65,7 +70,7 @@ class RowSampler:
     def _hook(self, name: str):
         def hook(mod, args):
             x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
+            x = patch_rows(mod, x) if isinstance(mod, nn.Conv2d) else x.reshape(-1, x.shape[-1])
             per_call = max(1, self.max_rows // 8)
             idx = torch.linspace(0, x.shape[0] - 1, min(per_call, x.shape[0])).long()
             g = self.group_fn() if self.group_fn else 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from compress.quant import qtensor
+from compress.quant.observers import rows_linear
 from compress.quant.qtensor import sqnr_db
 from compress.quant.smooth import ActGranularity, fake_quant_act, fake_quant_weight
 
@@ -209,6 +210,7 @@ def output_sensitivity(
     a_bits: int | None = None,
     a_granularity: ActGranularity = "token",
     quantizer: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    groups: int = 1,
 ) -> dict[int, dict[str, float]]:
     """One layer's output error at each candidate bit width, on captured inputs.
 
@@ -220,13 +222,14 @@ def output_sensitivity(
         a_bits, a_granularity: also quantise the activation, when the layer will run WxAy.
         quantizer: ``(weight, bits) -> dequantised weight`` replacing round-to-nearest, e.g. a
             GPTQ closure, so sensitivity is measured with the method that will be used.
+        groups: a grouped conv's groups (``x`` then holds every group's patches side by side).
 
     Returns:
         ``{bits: {"rel_mse": ||y - y_q||^2 / ||y||^2, "sqnr_db": ...}}``.
     """
-    xf = x.reshape(-1, weight.shape[1]).float()
     wf = weight.float()
-    ref = xf @ wf.T
+    xf = x.reshape(-1, wf.shape[1] * groups).float()
+    ref = rows_linear(xf, wf, groups)
     xq = fake_quant_act(xf, a_bits, a_granularity)
     out: dict[int, dict[str, float]] = {}
     for b in candidates:
@@ -236,7 +239,7 @@ def output_sensitivity(
             wq = quantizer(wf, b).float()
         else:
             wq = fake_quant_weight(wf, b, group_size, symmetric)
-        y = xq @ wq.T
+        y = rows_linear(xq, wq, groups)
         rel = float((y - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
         out[b] = {"rel_mse": rel, "sqnr_db": sqnr_db(ref, y)}
     return out

@@ -30,11 +30,34 @@ _N_BINS = int((_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE)
 def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer input as rows ``[n, fan_in]`` matching ``weight.flatten(1)`` columns."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or isinstance(module.padding, str):
-            raise ValueError(f"observers: grouped or string-padded Conv2d not supported: {module}")
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if module.groups != 1:
+            raise ValueError(f"observers: grouped Conv2d not supported: {module}")
+        return patch_rows(module, x)
     return x.reshape(-1, x.shape[-1])
+
+
+def patch_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A Conv2d input unfolded into patch rows ``[n, in_channels * kh * kw]``.
+
+    For ``groups > 1`` group ``g`` reads columns ``g * fan_in : (g + 1) * fan_in`` (see
+    :func:`rows_linear`). Padding (any mode, "same" included) is applied the way the conv does.
+    """
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, 0, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def rows_linear(rows: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``rows [n, groups * fan_in] @ w[out, fan_in]^T`` per group: a (grouped) conv on patches."""
+    if groups == 1:
+        return rows @ w.T
+    n = rows.shape[0]
+    x = rows.reshape(n, groups, -1)
+    wg = w.reshape(groups, w.shape[0] // groups, -1)
+    return torch.einsum("ngk,gok->ngo", x, wg).reshape(n, w.shape[0])
 
 
 @dataclass

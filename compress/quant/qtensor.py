@@ -109,3 +109,32 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).mean() / noise))
+
+
+# ---- fp8 (e4m3) weights ----------------------------------------------------------------------
+
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_available() -> bool:
+    """Whether this torch has the float8_e4m3fn dtype (torch >= 2.1)."""
+    return hasattr(torch, "float8_e4m3fn")
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (float8_e4m3fn [out, in], fp32 scale [out]); each row's absmax maps to 448.
+
+    The scale stays fp32: weights of ~1e-3 give scales deep in fp16's subnormal range.
+    """
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / FP8_E4M3_MAX).clamp_min(1e-12)
+    # e4m3fn has no infinity: clamp so rounding at the top edge cannot overflow to NaN.
+    q = (wf / scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8`, computed in fp32 and rounded once to ``dtype``."""
+    return (q.float() * scale.float()[:, None]).to(dtype)

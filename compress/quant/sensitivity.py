@@ -9,20 +9,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compress.quant.mixed import output_sensitivity
+from compress.quant.mixed import FLOAT_BITS, output_sensitivity
 from compress.quant.smooth import fake_quant_weight
 
 
-def output_tables(weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                  candidates: list[int], group_size: int | None, a_bits: int | None
-                  ) -> dict[str, dict[int, float]]:
+@dataclass(frozen=True)
+class Choice:
+    """How one layer may be quantised: candidate weight bits (16: kept in full precision), the
+    weight grid, the activation bits it will run with (None: float), and a conv's groups."""
+
+    candidates: tuple[int, ...]
+    group_size: int | None = None
+    symmetric: bool = True
+    a_bits: int | None = None
+    conv_groups: int = 1
+
+
+def output_tables(weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
+                  choices: Mapping[str, Choice]) -> dict[str, dict[int, float]]:
+    """{layer: {bits: relative output MSE}}; weights [out, fan_in] (convs flattened), inputs
+    their rows (convs: unfolded patches)."""
     out = {}
     for n, w in weights.items():
-        sens = output_sensitivity(w, inputs[n], candidates, group_size, True, a_bits)
+        c = choices[n]
+        sens = output_sensitivity(w, inputs[n], c.candidates, c.group_size, c.symmetric, c.a_bits,
+                                  groups=c.conv_groups)
         out[n] = {b: v["rel_mse"] for b, v in sens.items()}
     return out
 
@@ -33,21 +51,24 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def image_tables(handle, modules: dict[str, torch.nn.Module], candidates: list[int],
-                 group_size: int | None, prompts: list[str], seeds: list[int], steps: int,
+def image_tables(handle, modules: Mapping[str, torch.nn.Module], choices: Mapping[str, Choice],
+                 prompts: list[str], seeds: list[int], steps: int,
                  guidance, resolution) -> dict[str, dict[int, float]]:
-    """{layer: {bits: image error}}: 10^(-PSNR/10) of images with only that layer quantised."""
+    """{layer: {bits: image error}}: 10^(-PSNR/10) of images with only that layer's weight
+    quantised (Linear or Conv2d), 0 for the full-precision option."""
     gen = handle.adapter.generate
     ref = gen(handle.pipeline, prompts, seeds, steps, guidance, resolution)
     out: dict[str, dict[int, float]] = {}
     for n, mod in tqdm(modules.items(), desc="image sensitivity", leave=False):
         w0 = mod.weight.data
+        c = choices[n]
         out[n] = {}
-        for b in candidates:
-            if b >= 16:
+        for b in c.candidates:
+            if b >= FLOAT_BITS:
                 out[n][b] = 0.0
                 continue
-            mod.weight.data = fake_quant_weight(w0, b, group_size).to(w0.dtype)
+            wq = fake_quant_weight(w0.flatten(1), b, c.group_size, c.symmetric)
+            mod.weight.data = wq.reshape(w0.shape).to(w0.dtype)
             try:
                 img = gen(handle.pipeline, prompts, seeds, steps, guidance, resolution)
             finally:
