@@ -19,7 +19,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest tests
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/dit-compress run recipes/w8.yaml --model demo --out out-demo --force
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dit-compress run recipes/w8a8.yaml --model demo --out out-demo --force
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check compress tests eval
