@@ -7,8 +7,8 @@
 
 __version__ = "0.1.0"
 
-from compress.io.load import load_pipeline, load_transformer  # noqa: E402
-from compress.recipe import Recipe, load_recipe  # noqa: E402
-from compress.runner import run_recipe  # noqa: E402
+from compress.io.load import load_pipeline, load_transformer
+from compress.recipe import Recipe, load_recipe
+from compress.runner import run_recipe
 
 __all__ = ["Recipe", "load_pipeline", "load_recipe", "load_transformer", "run_recipe"]

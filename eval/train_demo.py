@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.demo.shapes import all_single_captions, render, sample_scene  # noqa: E402
-from compress.demo.text import embed, load_text_encoder  # noqa: E402
-from compress.metrics.checker import accuracy  # noqa: E402
+from compress.demo.shapes import all_single_captions, render, sample_scene
+from compress.demo.text import embed, load_text_encoder
+from compress.metrics.checker import accuracy
 
-TRANSFORMER_CONFIG = dict(
+TRANSFORMER_CONFIG = dict(  # noqa: C408 - keyword style matches the diffusers signature
     num_attention_heads=4,
     attention_head_dim=64,
     in_channels=3,
@@ -130,7 +130,7 @@ def main() -> None:
     attn_ctx.__enter__()
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "log.jsonl", "a")
+    log = open(args.out / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run
 
     tok, enc = load_text_encoder()
     captions = all_single_captions()

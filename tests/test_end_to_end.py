@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_pipelines import FAMILIES
 
 from compress.cli import main
-from tiny_pipelines import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 W8 = str(ROOT / "recipes" / "w8.yaml")

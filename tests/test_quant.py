@@ -60,8 +60,8 @@ class Toy(nn.Module):
 
 
 def test_ptq_on_generic_module_regex_and_overrides():
-    from compress.models.generic import ADAPTER
     from compress.models.base import ModelHandle
+    from compress.models.generic import ADAPTER
     from compress.passes.ptq import Config, apply
 
     torch.manual_seed(0)

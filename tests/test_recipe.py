@@ -56,7 +56,7 @@ def test_two_format_passes_refused(tmp_path):
 
 def test_overrides(tmp_path):
     r = load_recipe(ROOT / "recipes" / "w8.yaml", ["passes.0.ptq.weights.bits=6", "eval.num_prompts=3"])
-    (name, cfg), = r.pass_specs()
+    (_name, cfg), = r.pass_specs()
     assert cfg.weights.bits == 6 and r.eval.num_prompts == 3
     assert r.hash() != load_recipe(ROOT / "recipes" / "w8.yaml").hash()
     with pytest.raises(UserError, match="unknown key 'passes.0.ptq.weights.bitz'"):

@@ -27,7 +27,7 @@ def _state_dict(tdir: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{p}: missing weights file; the output is incomplete")
         try:
             sd.update(load_file(str(p)))
-        except Exception as exc:  # safetensors raises its own error types
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise UserError(f"{p}: unreadable safetensors file ({exc}); re-run the recipe") from None
     return sd
 

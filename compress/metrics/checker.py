@@ -54,7 +54,7 @@ def _corner_cover(alpha: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> floa
     solid = crop > 0.5
     rr, cc = np.where(solid.any(axis=1))[0], np.where(solid.any(axis=0))[0]
     box = solid[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
-    k = max(1, int(round(min(box.shape) * _CORNER_BOX)))
+    k = max(1, round(min(box.shape) * _CORNER_BOX))
     return float(np.mean([box[:k, :k].mean(), box[:k, -k:].mean(),
                           box[-k:, :k].mean(), box[-k:, -k:].mean()]))
 
@@ -68,7 +68,7 @@ def detect(image) -> list[dict]:
     dist = np.linalg.norm(img - bg, axis=2)
     labels, n = ndimage.label(dist > _FG_DIST, structure=np.ones((3, 3)))
     objects = []
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys, _xs = np.mgrid[0:h, 0:w].astype(np.float32)
     for idx in range(1, n + 1):
         comp = labels == idx
         if comp.sum() < _MIN_AREA * h * w:
