@@ -68,7 +68,7 @@ def detect(image) -> list[dict]:
     dist = np.linalg.norm(img - bg, axis=2)
     labels, n = ndimage.label(dist > _FG_DIST, structure=np.ones((3, 3)))
     objects = []
-    ys, _xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys = np.arange(h, dtype=np.float32)[:, None]  # row index, broadcast against each mask
     for idx in range(1, n + 1):
         comp = labels == idx
         if comp.sum() < _MIN_AREA * h * w:
