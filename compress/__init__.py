@@ -7,8 +7,33 @@
 
 __version__ = "0.1.0"
 
-from compress.io.load import load_pipeline, load_transformer
+from compress.io.load import load_module, load_pipeline, load_transformer
+from compress.models.spec import ModelSpec
 from compress.recipe import Recipe, load_recipe
 from compress.runner import run_recipe
 
-__all__ = ["Recipe", "load_pipeline", "load_recipe", "load_transformer", "run_recipe"]
+__all__ = [
+    "ModelSpec",
+    "Recipe",
+    "inspect",
+    "load_module",
+    "load_pipeline",
+    "load_recipe",
+    "load_transformer",
+    "run_recipe",
+]
+
+
+def inspect(module, example_inputs=None, spec=None, text: bool = True):
+    """What dit-compress finds in your own module: blocks, and each layer's role with the reason.
+
+    Args:
+        module: an ``nn.Module`` (not changed: a copy is analysed).
+        example_inputs: a tuple of positional inputs, a dict of keyword inputs, or ``(args,
+            kwargs)``; one forward call on them is traced. None: containers and names only.
+        spec: an optional ``ModelSpec``.
+        text: return the printable view (else the JSON-able dict).
+    """
+    from compress.models.inspect import inspect_module
+
+    return inspect_module(module, example_inputs, spec, text)

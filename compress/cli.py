@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
+        # diffusers imports bitsandbytes whenever it is installed, and bitsandbytes then warns
+        # on every start that it cannot fetch its optional CPU kernels offline: not our news
+        for noisy in ("bitsandbytes", "kernels"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
                 "compare": _cmd_compare, "inspect": _cmd_inspect,

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compress.errors import UserError
+from compress.models.spec import ModelSpec
 from compress.registry import all_passes
 
 
@@ -45,13 +46,29 @@ class EvalConfig(Strict):
 
 
 _OPS = (">=", "<=", ">", "<", "==")
+OPTIONAL = "if measured"  # a gate ending so is skipped ("not measured") where its figure is not
+# every figure a gate may name: the report's numbers plus two derived ones
+FIGURES = {
+    "quality": ("psnr_vs_teacher", "ssim_vs_teacher", "frechet_vs_teacher", "prompt_accuracy",
+                "teacher_prompt_accuracy", "prompt_accuracy_drop"),
+    "size": ("params_total", "params_active", "bytes", "bits_per_weight", "compression_ratio"),
+    "speed": ("latency_ms_per_step", "baseline_latency_ms_per_step", "peak_rss_mb", "speedup"),
+}
+KNOWN_FIGURES = tuple(f for fs in FIGURES.values() for f in fs)
+
+
+def gate_optional(expr: str | float) -> bool:
+    """Whether a gate is marked ``... if measured``."""
+    return isinstance(expr, str) and expr.strip().endswith(OPTIONAL)
 
 
 def parse_gate(expr: str | float) -> tuple[str, float]:
-    """'>= 30' -> ('>=', 30.0). A bare number means '>='."""
+    """'>= 30' -> ('>=', 30.0). A bare number means '>='; a trailing 'if measured' is dropped."""
     if isinstance(expr, (int, float)):
         return ">=", float(expr)
     s = str(expr).strip()
+    if s.endswith(OPTIONAL):
+        s = s[: -len(OPTIONAL)].strip()
     for op in _OPS:
         if s.startswith(op):
             return op, float(s[len(op) :].strip())
@@ -80,15 +97,19 @@ class Recipe(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gates: dict[str, str | float] = Field(default_factory=dict)
     seed: int = 0
+    model: ModelSpec | None = Field(None, description="blocks/roles of a user's own module")
 
     @field_validator("gates")
     @classmethod
     def _check_gates(cls, v: dict[str, str | float]) -> dict[str, str | float]:
         for k, expr in v.items():
+            if k not in KNOWN_FIGURES:
+                raise ValueError(f"gate {k!r}: no such figure (known: {', '.join(KNOWN_FIGURES)})")
             try:
                 parse_gate(expr)
             except ValueError as exc:
-                raise ValueError(f"gate {k!r}: {expr!r} is not like '>= 30'") from exc
+                raise ValueError(f"gate {k!r}: {expr!r} is not like '>= 30' or "
+                                 f"'<= 0.01 {OPTIONAL}'") from exc
         return v
 
     def pass_specs(self) -> list[tuple[str, BaseModel]]:

@@ -12,7 +12,14 @@ import yaml
 from torch import nn
 
 from compress.errors import GateFailed, UserError
-from compress.recipe import Recipe, gate_passes, load_recipe, parse_gate, validate
+from compress.recipe import (
+    Recipe,
+    gate_optional,
+    gate_passes,
+    load_recipe,
+    parse_gate,
+    validate,
+)
 from compress.registry import get_pass
 
 log = logging.getLogger("compress")
@@ -107,14 +114,57 @@ def _gates(recipe: Recipe, report: dict) -> dict[str, dict]:
         values["speedup"] = sp["baseline_latency_ms_per_step"] / sp["latency_ms_per_step"]
     out = {}
     for name, expr in recipe.gates.items():
-        if name not in values:
-            raise UserError(
-                f"gate '{name}': no such figure in the report (known: {', '.join(sorted(values))})"
-            )
         op, thr = parse_gate(expr)
-        val = values[name]
+        val = values.get(name)
+        if val is None and gate_optional(expr):
+            out[name] = {"value": None, "threshold": f"{op} {thr:g}", "passed": None,
+                         "measured": False, "optional": True}
+            continue
         out[name] = {"value": val, "threshold": f"{op} {thr:g}", "passed": gate_passes(op, val, thr)}
     return out
+
+
+def measurable(handle, recipe: Recipe, has_calib: bool) -> dict[str, str]:
+    """Figures this run cannot produce -> why, decided before any work."""
+    from compress.recipe import FIGURES
+
+    why: dict[str, str] = {}
+    ev = recipe.eval
+    if not (ev.enabled and handle.pipeline is not None):
+        reason = ("evaluation is disabled (eval.enabled: false)" if not ev.enabled else
+                  "the model has no pipeline to sample images from")
+        for f in FIGURES["quality"]:
+            why[f] = reason
+    else:
+        prompts = resolve_prompts(ev.prompts, handle, "eval", ev.num_prompts)
+        from compress.metrics.evaluate import _checkable
+
+        if not _is_demo(handle):
+            reason = "no prompt checker exists for this model (only the demo's captions are checkable)"
+        elif not _checkable(prompts):
+            reason = "the eval prompts are not captions of the demo grammar"
+        else:
+            reason = None
+        if reason:
+            for f in ("prompt_accuracy", "teacher_prompt_accuracy", "prompt_accuracy_drop"):
+                why[f] = reason
+    if not ev.latency or not has_calib:
+        reason = ("latency is off (eval.latency: false)" if not ev.latency
+                  else "no calibration input to time a step on")
+        for f in ("latency_ms_per_step", "baseline_latency_ms_per_step", "speedup"):
+            why[f] = reason
+    return why
+
+
+def check_gates(handle, recipe: Recipe, has_calib: bool) -> None:
+    """Refuse, before any work, a gate whose figure this run cannot produce (unless optional)."""
+    missing = measurable(handle, recipe, has_calib)
+    for name, expr in recipe.gates.items():
+        if name in missing and not gate_optional(expr):
+            raise UserError(
+                f"gate '{name}': cannot be measured on this run: {missing[name]}; drop the gate "
+                f"or mark it optional ('{expr} if measured')"
+            )
 
 
 def run_recipe(
@@ -123,6 +173,8 @@ def run_recipe(
     out: str | Path | None = None,
     *,
     calibrate_fn=None,
+    spec=None,
+    inplace: bool = False,
     overrides: list[str] | None = None,
     device: str = "cpu",
     force: bool = False,
@@ -135,7 +187,12 @@ def run_recipe(
         model: "demo", a diffusers pipeline or transformer directory, or an nn.Module (then
             ``calibrate_fn(module)`` must run it on representative inputs).
         out: output directory (None: keep the result in memory only; the report is returned).
-        calibrate_fn: for an nn.Module, the callable that feeds it calibration inputs.
+        calibrate_fn: for an nn.Module, the callable that feeds it calibration inputs; its
+            first call is also traced once to find the blocks and each layer's role.
+        spec: a ``compress.ModelSpec`` naming blocks/roles of an nn.Module (overrides the
+            recipe's ``model:`` and what is inferred).
+        inplace: compress the given nn.Module itself; by default a deep copy is compressed and
+            the module is left unchanged (which costs one more copy of its weights in memory).
         overrides: ``a.b.c=value`` strings applied to the recipe.
         device: torch device for calibration, passes and evaluation.
         force: replace a non-empty ``out``.
@@ -163,12 +220,29 @@ def run_recipe(
 
         recipe = validate(apply_overrides(recipe.resolved(), overrides, "<recipe>"))
 
+    prepared: list[dict] = []
+    if spec is not None:
+        from compress.models.spec import ModelSpec
+
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+    else:
+        spec = recipe.model
     if isinstance(model, nn.Module):
+        import copy
+
         from compress.models.generic import ADAPTER as GENERIC
 
+        if not inplace:
+            model = copy.deepcopy(model)
         handle = ModelHandle(transformer=model, adapter=GENERIC, calibrate_fn=calibrate_fn)
+        prepare = getattr(GENERIC, "prepare", None)  # unfuse torch attention, register lists
+        prepared = prepare(model) if prepare is not None else []
     else:
+        if spec is not None:
+            raise UserError("recipe key 'model' (blocks/roles) applies to your own nn.Module; "
+                            f"the {Path(str(model)).name} pipeline's layout is known: remove it")
         handle = load_model(model, device=device)
+    check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
     torch.manual_seed(recipe.seed)
@@ -193,6 +267,15 @@ def run_recipe(
         )
     elif calibrate_fn is not None:
         calib = capture_generic(tr, calibrate_fn)
+    structure = None
+    if handle.pipeline is None:
+        from compress.models.generic import analyse_module
+
+        if calib is not None and len(calib):
+            s0 = calib.sample(0)
+            structure = analyse_module(tr, s0.args, s0.kwargs, spec)
+        else:
+            structure = analyse_module(tr, spec=spec)
     if any(get_pass(n).needs_calibration for n, _ in recipe.pass_specs()) and calib is None:
         raise UserError("this recipe's passes need calibration data: pass calibrate_fn= for an nn.Module")
 
@@ -244,7 +327,9 @@ def run_recipe(
         "recipe_hash": recipe.hash(),
         "model": {"path": str(handle.source) if handle.source else None,
                   "family": handle.family, "params": orig_params,
-                  "class": type(tr).__name__, "original_bytes": orig_bytes},
+                  "class": type(tr).__name__, "original_bytes": orig_bytes,
+                  **({"prepared": prepared} if prepared else {}),
+                  **({"structure": structure.to_dict()} if structure is not None else {})},
         "passes": pass_entries,
         "size": {"params_total": count_params(tr), "params_active": count_params(tr),
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_params,
@@ -259,7 +344,8 @@ def run_recipe(
     if out is not None:
         from compress.report import write_report
 
-        manifest = build_manifest(handle, recipe.resolved(), recipe.hash(), manifest_passes)
+        manifest = build_manifest(handle, recipe.resolved(), recipe.hash(), manifest_passes,
+                                  prepared=prepared)
         write_output(
             Path(out), handle=handle, manifest=manifest,
             recipe_yaml=yaml.safe_dump(recipe.resolved(), sort_keys=False),
@@ -267,7 +353,7 @@ def run_recipe(
             force=force,
         )
     report["_student_images"] = student
-    failed = [k for k, g in report["gates"].items() if not g["passed"]]
+    failed = [k for k, g in report["gates"].items() if g["passed"] is False]
     if failed:
         raise GateFailed(
             "gate failed: " + ", ".join(

@@ -200,7 +200,8 @@ def _run(net, act: bool, out=None):
         ptq["activations"] = {"bits": 8, "mode": "dynamic"}
     recipe = {"name": "mha-coverage", "passes": [{"ptq": ptq}],
               "eval": {"enabled": False, "latency": False}}
-    return compress.run_recipe(recipe, model=net, calibrate_fn=calibrate, out=out)
+    # in place: the tests below look at the compressed net itself
+    return compress.run_recipe(recipe, model=net, calibrate_fn=calibrate, out=out, inplace=True)
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["w8", "w8a8-dynamic"])
@@ -211,7 +212,8 @@ def test_ptq_covers_mha_and_encoder_layers(act):
     xs, mask = _data()
     with torch.no_grad():
         ref = net(xs[0], mask)
-    p = _run(net, act)["passes"][0]
+    report = _run(net, act)
+    p = report["passes"][0]
     used = p["weights_quantized_and_used_fraction"]
     assert used is not None and used >= threshold, (used, threshold)
     assert used == pytest.approx(p["weights_quantized_fraction"])  # nothing quantised sits idle
@@ -221,8 +223,9 @@ def test_ptq_covers_mha_and_encoder_layers(act):
         assert {layers[pre + "self_attn.q_proj"], layers[pre + "self_attn.k_proj"]} == {"attn_qkv"}
         assert layers[pre + "self_attn.out_proj"] == "attn_out"
         assert layers[pre + "linear1"] == "ff_in" and layers[pre + "linear2"] == "ff_out"
-    assert layers["pool.out_proj"] == "attn_out"
-    mapping = {r["module"]: r for r in p["prepared"]}
+    # the pooling query (2 tokens) attends to the 6 encoder tokens: cross-attention by length
+    assert layers["pool.out_proj"] == "cross_attn"
+    mapping = {r["module"]: r for r in report["model"]["prepared"]}
     assert mapping["pool"]["weights"]["in_proj_weight"] == [
         "q_proj.weight", "k_proj.weight", "v_proj.weight"]
     assert mapping["encoder.layers.0"]["now"] == "UnfusedTransformerEncoderLayer"
@@ -293,6 +296,9 @@ def test_generic_output_restores_bit_equal(tmp_path):
     with warnings.catch_warnings(), init_empty_weights(include_buffers=False):
         warnings.simplefilter("ignore")
         skel = Net().eval()
+    from compress.models.generic import restore_prepared
+
+    restore_prepared(skel, manifest["prepared"])
     for p in manifest["passes"]:
         defn = get_pass(p["name"])
         defn.restore(skel, defn.config.model_validate(p["config"]), p["meta"])

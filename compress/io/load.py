@@ -62,6 +62,11 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> to
 
     tdir = Path(tdir)
     manifest = read_manifest(tdir)
+    if manifest.get("family") == "generic":
+        raise UserError(
+            f"{tdir}: holds your own module ({manifest.get('transformer_module', '?')}."
+            f"{manifest['transformer_class']}), not a diffusers model: build a fresh instance "
+            "with the same config and call compress.load_module(out, module)")
     cls = getattr(diffusers, manifest["transformer_class"], None)
     if cls is None:
         raise UserError(f"{tdir}: transformer class {manifest['transformer_class']} is unknown "
@@ -86,6 +91,65 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> to
         raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
     own_memory_(tr)
     return tr.to(device).eval()
+
+
+def load_module(out: str | Path, module: torch.nn.Module,
+                device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Restore a compressed output of your own module onto a fresh instance of its class.
+
+    The instance may be untrained (its weights are replaced) but must be built with the same
+    configuration as the one that was compressed. Its layers are rebuilt as the manifest says
+    (lists of blocks registered, torch attention unfused, quantised layers swapped in) and the
+    stored tensors loaded, so it computes bit-equal to the compressed module of the run.
+
+    Args:
+        out: a directory written by ``run_recipe(..., model=module, out=out)``.
+        module: a freshly built instance of the same class and config; changed in place.
+        device: where to put it.
+
+    Returns:
+        ``module``, compressed, in eval mode.
+    """
+    from compress.models.generic import restore_prepared
+    from compress.registry import get_pass
+
+    tdir = Path(out)
+    if not tdir.is_dir():
+        raise UserError(f"{tdir}: no such directory")
+    if (tdir / "model_index.json").is_file():
+        raise UserError(f"{tdir}: a diffusers pipeline output; load it with compress.load_pipeline")
+    manifest = read_manifest(tdir)
+    want = manifest["transformer_class"]
+    if type(module).__name__ != want:
+        raise UserError(f"{tdir}: compressed from a {manifest.get('transformer_module', '?')}."
+                        f"{want}, got a {type(module).__name__}; build the same class")
+    if manifest.get("prepared"):
+        restore_prepared(module, manifest["prepared"])
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for p in manifest["passes"]:
+        defn = get_pass(p["name"])
+        try:
+            defn.restore(module, defn.config.model_validate(p["config"]), p["meta"])
+        except AttributeError as exc:
+            raise UserError(f"{tdir}: the module has no layer the manifest names ({exc}); "
+                            "build it with the same config") from None
+    sd = _state_dict(tdir)
+    for k, v in sd.items():  # layers left as they were must match in shape
+        if k in expected and expected[k] != tuple(v.shape) and \
+                k in dict(module.named_parameters()) | dict(module.named_buffers()):
+            raise UserError(f"{tdir}: {k} is stored with shape {tuple(v.shape)} but the module has "
+                            f"{expected[k]}; build it with the config it was compressed from")
+    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(
+            f"{tdir}: the module does not match the output (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); build it with the config it was compressed from")
+    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+                  if t.device.type == "meta"]
+    if still_meta:
+        raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
+    own_memory_(module)
+    return module.to(device).eval()
 
 
 def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):

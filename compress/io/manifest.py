@@ -12,10 +12,14 @@ FORMAT_VERSION = 1
 MANIFEST = "compress_manifest.json"
 
 
-def build_manifest(handle, recipe_resolved: dict, recipe_hash: str, passes: list[dict]) -> dict:
+def build_manifest(handle, recipe_resolved: dict, recipe_hash: str, passes: list[dict],
+                   prepared: list[dict] | None = None) -> dict:
     from compress import __version__
 
+    cls = type(handle.transformer)
     return {
+        "transformer_module": cls.__module__,
+        "prepared": prepared or [],
         "format_version": FORMAT_VERSION,
         "tool": f"dit-compress {__version__}",
         "transformer_class": type(handle.transformer).__name__,

@@ -4,6 +4,7 @@ family adapters share (diffusers names its attention and feed-forward layers the
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -69,23 +70,51 @@ _GENERIC_RULES: RoleRules = (
 )
 
 _BLOCK_LIST_NAMES = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+_HINTS = [(re.compile(p), r) for p, r in _GENERIC_RULES]
+
+# Structure found per module instance (blocks, roles and why): filled by :func:`analyse_module`
+# from one traced forward call; a module never analysed gets its stacks and name hints only.
+_STRUCTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _generic_block_lists(module: nn.Module) -> tuple[str, ...]:
-    """Top-level ModuleLists with an obvious block name."""
-    return tuple(
-        n for n in _BLOCK_LIST_NAMES if isinstance(getattr(module, n, None), nn.ModuleList)
-    )
+def name_hint(name: str) -> str | None:
+    """The role a layer's name suggests (timm / diffusers / torch conventions), or None."""
+    return next((r for pat, r in _HINTS if pat.fullmatch(name)), None)
+
+
+def structure_of(module: nn.Module):
+    """The module's :class:`~compress.models.structure.Structure` (found now if never analysed)."""
+    from compress.models.structure import analyse
+
+    s = _STRUCTURES.get(module)
+    if s is None:
+        s = analyse(module, None, None, name_hint)
+        _STRUCTURES[module] = s
+    return s
+
+
+def analyse_module(module: nn.Module, args: tuple | None = None, kwargs: dict | None = None,
+                   spec=None):
+    """Find blocks and roles of ``module`` from one forward call on ``args``/``kwargs`` (or from
+    its containers and names when no inputs are given), apply ``spec`` (a ModelSpec) on top,
+    and remember the result for the generic adapter."""
+    from compress.models.structure import analyse, batch_of
+
+    call = None
+    if args is not None or kwargs is not None:
+        a, k = tuple(args or ()), dict(kwargs or {})
+        call = lambda: module(*a, **k)  # noqa: E731
+    s = analyse(module, call, batch_of(tuple(args or ()), dict(kwargs or {})), name_hint,
+                block_spec=getattr(spec, "blocks", None), roles_spec=getattr(spec, "roles", None))
+    _STRUCTURES[module] = s
+    return s
 
 
 class _GenericAdapter(FamilyAdapter):
-    """Finds block lists on the module at hand instead of from a fixed list."""
+    """Finds blocks and roles on the module at hand (structure and data flow, not names)."""
 
     def blocks(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        out = []
-        for attr in _generic_block_lists(transformer):
-            out.extend((f"{attr}.{i}", b) for i, b in enumerate(getattr(transformer, attr)))
-        return out
+        return [(b, transformer.get_submodule(b)) for b in structure_of(transformer).blocks]
 
     def prepare(self, transformer: nn.Module) -> list[dict]:
         """Make every weight reachable by module swaps; call once before selecting layers.
@@ -99,7 +128,7 @@ class _GenericAdapter(FamilyAdapter):
         """
         from compress.modules.mha import unfuse
 
-        return unfuse(transformer)
+        return plain_lists_to_modules(transformer) + unfuse(transformer)
 
     def weight_layers(self, transformer: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
         """As the base, but the projections of an unfused attention get attention roles
@@ -114,7 +143,11 @@ class _GenericAdapter(FamilyAdapter):
                 attn[n] = m
             elif isinstance(m, nn.MultiheadAttention):
                 raw.add(f"{n}.out_proj" if n else "out_proj")
-        for name, mod, role in super().weight_layers(transformer):
+        st = structure_of(transformer)
+        for name, mod in transformer.named_modules():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+                continue
+            role = st.roles.get(name) or name_hint(name) or "other"
             if name in raw:
                 continue
             parent, _, leaf = name.rpartition(".")
@@ -133,7 +166,8 @@ def restore_prepared(transformer: nn.Module, records: list[dict]) -> None:
     from compress.errors import UserError
     from compress.modules.mha import unfuse
 
-    got = [(r["module"], r["was"], r["now"]) for r in unfuse(transformer)]
+    got = [(r["module"], r["was"], r["now"])
+           for r in plain_lists_to_modules(transformer) + unfuse(transformer)]
     want = [(r["module"], r["was"], r["now"]) for r in records]
     if got != want:
         diff = sorted(set(want) ^ set(got))[:3]
@@ -141,6 +175,25 @@ def restore_prepared(transformer: nn.Module, records: list[dict]) -> None:
             f"ptq: the model's attention/transformer layers do not match the manifest "
             f"(differs at {diff}); rebuild the same model class and config before loading"
         )
+
+
+def plain_lists_to_modules(root: nn.Module) -> list[dict]:
+    """Register blocks kept in a plain Python list or tuple attribute as an ``nn.ModuleList``.
+
+    Such blocks are invisible to ``named_modules``, ``state_dict`` and ``.to()``: nothing could
+    find, quantise or save them. A ModuleList iterates, indexes and slices like the list did.
+    Returns one record per attribute converted (replayed by :func:`restore_prepared`).
+    """
+    records = []
+    for mname, mod in list(root.named_modules()):
+        for attr, val in list(vars(mod).items()):
+            if attr.startswith("__") or not isinstance(val, (list, tuple)) or not val:
+                continue
+            if all(isinstance(x, nn.Module) for x in val):
+                setattr(mod, attr, nn.ModuleList(val))
+                full = f"{mname}.{attr}" if mname else attr
+                records.append({"module": full, "was": type(val).__name__, "now": "ModuleList"})
+    return records
 
 
 ADAPTER = _GenericAdapter(

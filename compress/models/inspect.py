@@ -37,6 +37,11 @@ def inspect_model(handle: ModelHandle) -> dict[str, Any]:
     lists = Counter(b["name"].rsplit(".", 1)[0] for b in blocks)
     per_role = dict.fromkeys((*ROLES, "other"), 0)
     layers = []
+    reasons = {}
+    if adapter.name == "generic":
+        from compress.models.generic import structure_of
+
+        reasons = structure_of(tr).reasons
     for name, mod, role in adapter.weight_layers(tr):
         per_role[role] = per_role.get(role, 0) + _own_params(mod)
         layers.append(
@@ -45,6 +50,7 @@ def inspect_model(handle: ModelHandle) -> dict[str, Any]:
                 "type": type(mod).__name__,
                 "role": role,
                 "shape": list(mod.weight.shape),
+                **({"reason": reasons[name]} if name in reasons else {}),
             }
         )
     per_role["non_layer"] = total - sum(per_role.values())
@@ -69,20 +75,45 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _grouped_layers(d: dict[str, Any]) -> list[tuple[str, str, str, str, int]]:
-    """Layers with block indices folded: the same layer in every block becomes one row."""
-    lists = "|".join(re.escape(k) for k in d["block_lists"]) or r"(?!)"
-    fold = re.compile(rf"^({lists})\.\d+\.")
-    rows: dict[tuple[str, str, str, str], int] = {}
+def _grouped_layers(d: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """Layers with block indices folded: a layer found with the same type, role and shape in
+    every block of its list becomes one row named ``list.*.rest``; one found in some blocks
+    only, or with differing shapes, gets one row per variant naming its block indices."""
+    sizes = d["block_lists"]
+    lists = "|".join(re.escape(k) for k in sorted(sizes, key=len, reverse=True)) or r"(?!)"
+    fold = re.compile(rf"^({lists})\.(\d+)\.(.*)$")
+    groups: dict[tuple, list[int]] = {}
+    order: list[tuple] = []
     for layer in d["layers"]:
-        key = (
-            fold.sub(r"\1.*.", layer["name"]),
-            layer["type"],
-            layer["role"],
-            "x".join(str(s) for s in layer["shape"]),
-        )
-        rows[key] = rows.get(key, 0) + 1
-    return [(*k, n) for k, n in rows.items()]
+        m = fold.match(layer["name"])
+        shape = "x".join(str(s) for s in layer["shape"])
+        key = (m.group(1), m.group(3)) if m else (None, layer["name"])
+        variant = (*key, layer["type"], layer["role"], shape, layer.get("reason", ""))
+        if variant not in groups:
+            groups[variant] = []
+            order.append(variant)
+        groups[variant].append(int(m.group(2)) if m else -1)
+    rows = []
+    for lst, rest, typ, role, shape, reason in order:
+        idx = groups[(lst, rest, typ, role, shape, reason)]
+        if lst is None:
+            rows.append((rest, typ, role, shape, "", reason))
+        elif len(idx) == sizes[lst] and len(set(idx)) == len(idx):
+            rows.append((f"{lst}.*.{rest}", typ, role, shape, f"x{len(idx)}", reason))
+        else:
+            rows.append((f"{lst}.[{_ranges(idx)}].{rest}", typ, role, shape, f"x{len(idx)}",
+                         reason))
+    return rows
+
+
+def _ranges(idx: list[int]) -> str:
+    idx = sorted(set(idx))
+    parts, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            parts.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(parts)
 
 
 def format_inspect(d: dict[str, Any]) -> str:
@@ -105,8 +136,33 @@ def format_inspect(d: dict[str, Any]) -> str:
             out.append(f"  {role:10s} {_human(n):>9s}  {100 * n / total:5.1f}%")
     rows = _grouped_layers(d)
     width = max((len(r[0]) for r in rows), default=10)
-    out += ["", f"weight layers ({len(d['layers'])}; * = every block of the list)"]
-    for name, typ, role, shape, n in rows:
-        count = f"x{n}" if n > 1 else ""
-        out.append(f"  {name:{width}s}  {typ:7s} {role:10s} {shape:12s} {count}".rstrip())
+    out += ["", f"weight layers ({len(d['layers'])}; * = every block of the list, [i-j] = "
+                "those blocks only)"]
+    for name, typ, role, shape, count, reason in rows:
+        why = f"  ({reason})" if reason else ""
+        out.append(f"  {name:{width}s}  {typ:7s} {role:10s} {shape:12s} {count:4s}{why}".rstrip())
     return "\n".join(out)
+
+
+def inspect_module(module: nn.Module, example_inputs: Any = None, spec: Any = None,
+                   text: bool = True) -> str | dict[str, Any]:
+    """:func:`inspect_model` for a user's own module, after one traced call on its inputs."""
+    import copy
+
+    from compress.models.generic import ADAPTER, analyse_module
+
+    m = copy.deepcopy(module)
+    ADAPTER.prepare(m)
+    args, kwargs = None, None
+    if isinstance(example_inputs, dict):
+        kwargs = example_inputs
+    elif isinstance(example_inputs, tuple) and len(example_inputs) == 2 and \
+            isinstance(example_inputs[1], dict) and isinstance(example_inputs[0], (tuple, list)):
+        args, kwargs = tuple(example_inputs[0]), example_inputs[1]
+    elif example_inputs is not None:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    st = analyse_module(m, args, kwargs, spec)
+    d = inspect_model(ModelHandle(transformer=m, adapter=ADAPTER))
+    d["structure_notes"] = st.notes
+    d["traced"] = st.traced
+    return format_inspect(d) if text else d

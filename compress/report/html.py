@@ -180,7 +180,9 @@ def render_html(report: dict[str, Any], pairs: list[ImagePair] | None = None) ->
     ]
     gates = report.get("gates", {})
     if gates:
-        rows = [[n, g.get("value"), g.get("threshold"), g.get("passed")] for n, g in gates.items()]
+        rows = [[n, g.get("value"), g.get("threshold"),
+                 "not measured" if g.get("passed") is None else g.get("passed")]
+                for n, g in gates.items()]
         parts += ["<h2>Gates</h2>", _table(["gate", "value", "threshold", "passed"], rows)]
     by_attr = quality.get("prompt_accuracy_by_attribute")
     if by_attr:

@@ -85,7 +85,15 @@ def _speed_text(speed: dict[str, Any]) -> str:
 def _gates_text(gates: dict[str, Any]) -> str:
     if not gates:
         return "none"
+    skipped = [name for name, g in gates.items() if g.get("passed") is None]
+    gates = {k: g for k, g in gates.items() if k not in skipped}
     failed = [name for name, g in gates.items() if not g.get("passed")]
+    if skipped:
+        note = f"{', '.join(skipped)} not measured"
+        if not gates:
+            return note
+        rest = _gates_text(gates)
+        return f"{rest}; {note}"
     if not failed:
         return f"all {len(gates)} passed"
     return f"{len(gates) - len(failed)}/{len(gates)} passed; failed: {', '.join(failed)}"
@@ -193,7 +201,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out = ["# Compression report", "", table(["", "value"], summary_rows(report)), ""]
     gates = report.get("gates", {})
     if gates:
-        rows = [[n, g.get("value"), g.get("threshold"), g.get("passed")] for n, g in gates.items()]
+        rows = [[n, g.get("value"), g.get("threshold"),
+                 "not measured" if g.get("passed") is None else g.get("passed")]
+                for n, g in gates.items()]
         out += ["## Gates", "", table(["gate", "value", "threshold", "passed"], rows), ""]
     attr = _attribute_table(report["quality"])
     if attr:
