@@ -75,6 +75,18 @@ def count_params(tr: nn.Module) -> int:
     return total
 
 
+def buffer_elements(tr: nn.Module) -> int:
+    """Elements of the persistent buffers (stored in the state dict next to the weights)."""
+    seen = {p.data_ptr() for p in tr.parameters()}
+    total = 0
+    for t in tr.state_dict().values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel()
+    return total
+
+
 def stored_bytes(tr: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
@@ -247,8 +259,12 @@ def run_recipe(
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
     torch.manual_seed(recipe.seed)
     tr = handle.transformer
+    t_run = time.perf_counter()
     orig_params = count_params(tr)
     orig_bytes = stored_bytes(tr)
+    # bits per weight divide stored bytes by stored elements: buffers (position tables) are
+    # in both, else a model with large buffers stores "more bits than fp32"
+    orig_elems = orig_params + buffer_elements(tr)
     defaults = family_defaults(handle) if handle.pipeline is not None else {}
     cache = Path(cache_dir) if cache_dir else None
 
@@ -328,15 +344,18 @@ def run_recipe(
         "model": {"path": str(handle.source) if handle.source else None,
                   "family": handle.family, "params": orig_params,
                   "class": type(tr).__name__, "original_bytes": orig_bytes,
+                  "buffer_elements": orig_elems - orig_params,
                   **({"prepared": prepared} if prepared else {}),
                   **({"structure": structure.to_dict()} if structure is not None else {})},
         "passes": pass_entries,
         "size": {"params_total": count_params(tr), "params_active": count_params(tr),
-                 "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_params,
+                 "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
                   "peak_rss_mb": peak_rss_mb(), "device": str(device)},
         "quality": quality,
+        "timing": {"total_seconds": round(time.perf_counter() - t_run, 3),
+                   "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3)},
         "eval": {"prompts": eval_prompts, "seeds": eval_seeds, **gen_args} if do_eval else None,
     }
     report["gates"] = _gates(recipe, report)

@@ -360,6 +360,7 @@ def run_peer(
     from compress.recipe import CalibrationConfig, EvalConfig
     from compress.report import write_report
     from compress.runner import (
+        buffer_elements,
         count_params,
         family_defaults,
         resolve_prompts,
@@ -380,6 +381,7 @@ def run_peer(
     torch.manual_seed(0)  # the runner's default recipe seed
     tr = handle.transformer
     orig_params = count_params(tr)
+    orig_elems = orig_params + buffer_elements(tr)  # the runner's denominator for bits/weight
     orig_bytes = stored_bytes(tr)
     defaults = family_defaults(handle)
     cache = Path(cache_dir) if cache_dir else None
@@ -443,6 +445,7 @@ def run_peer(
         "recipe_hash": hashlib.sha256(blob.encode()).hexdigest()[:16],
         "model": {"path": str(handle.source) if handle.source else None,
                   "family": handle.family, "params": orig_params,
+                  "buffer_elements": orig_elems - orig_params,
                   "class": type(tr).__name__, "original_bytes": orig_bytes},
         "passes": [{
             "name": f"peer:{name}", "seconds": round(secs, 3),
@@ -452,7 +455,7 @@ def run_peer(
         }],
         # peers keep every weight (packed or cast), so the original count stays the count
         "size": {"params_total": orig_params, "params_active": orig_params,
-                 "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_params,
+                 "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
                   "peak_rss_mb": peak_rss_mb(), "device": str(device)},

@@ -238,7 +238,9 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             meta_layers[n] = info
             rows.append({"layer": n, "role": roles[n], "kind": info["kind"],
                          "format": specs[n].format, "bits": specs[n].bits,
-                         "group_size": specs[n].group(),
+                         # a group wider than the layer is one group of its width
+                         "group_size": (min(specs[n].group(), info["in"])
+                                        if specs[n].group() else None),
                          "act_bits": a.bits if n in act else None, **err})
     meta: dict = {"layers": meta_layers}
     if prepared:
@@ -392,7 +394,9 @@ def _quantize_layer(mod: nn.Module, spec: WeightSpec, cfg: Config, stats, name: 
             ref = x @ w.T
             xq = x / s if s is not None else x
             xq = fake_quant_act(xq, 8, "token")
-            wq = new.dequantized_weight().float()
+            wq = new.dequantized_weight().float()  # in the original basis: smoothing undone
+            if s is not None:  # the kernel multiplies x / s by the smoothed weight W * s
+                wq = wq * s[None, :].to(wq)
             err["output_sqnr_db"] = round(sqnr_db(ref, xq @ wq.T), 2)
         return new, info, err
 
