@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="demo",
-                       help="diffusers pipeline or transformer dir, or 'demo' (default)")
+                       help="diffusers pipeline or transformer dir, 'demo' (default) or "
+                            "'demo-dit' (the plain-PyTorch ShapeDiT)")
 
     p = sub.add_parser("run", help="run a recipe on a model and write the compressed output")
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
@@ -163,9 +164,23 @@ def _cmd_inspect(a) -> int:
     from compress.models import load_model
     from compress.models.inspect import format_inspect, inspect_model
 
-    d = inspect_model(load_model(a.model))
+    if a.model == "demo-dit":
+        import compress
+        from compress.demo import shapedit_task as task
+
+        m = task.load_shapedit()
+        x = torch_inputs_for_shapedit()
+        d = compress.inspect(m, x, text=False)
+    else:
+        d = inspect_model(load_model(a.model))
     print(json.dumps(d, indent=2) if a.json else format_inspect(d))
     return 0
+
+
+def torch_inputs_for_shapedit():
+    import torch
+
+    return (torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.tensor([0, 432]))
 
 
 def _cmd_export_quanto(a) -> int:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -136,15 +137,20 @@ def _gates(recipe: Recipe, report: dict) -> dict[str, dict]:
     return out
 
 
-def measurable(handle, recipe: Recipe, has_calib: bool) -> dict[str, str]:
+def measurable(handle, recipe: Recipe, has_calib: bool, sample_fn=None,
+               metric_fn=None) -> dict[str, str]:
     """Figures this run cannot produce -> why, decided before any work."""
     from compress.recipe import FIGURES
 
     why: dict[str, str] = {}
     ev = recipe.eval
-    if not (ev.enabled and handle.pipeline is not None):
+    if handle.pipeline is None and ev.enabled and sample_fn is not None:
+        if metric_fn is None:
+            for f in ("prompt_accuracy", "teacher_prompt_accuracy", "prompt_accuracy_drop"):
+                why[f] = "no metric_fn was given to judge your module's samples"
+    elif not (ev.enabled and handle.pipeline is not None):
         reason = ("evaluation is disabled (eval.enabled: false)" if not ev.enabled else
-                  "the model has no pipeline to sample images from")
+                  "the module has no pipeline and no sample_fn was given to sample it")
         for f in FIGURES["quality"]:
             why[f] = reason
     else:
@@ -168,9 +174,9 @@ def measurable(handle, recipe: Recipe, has_calib: bool) -> dict[str, str]:
     return why
 
 
-def check_gates(handle, recipe: Recipe, has_calib: bool) -> None:
+def check_gates(handle, recipe: Recipe, has_calib: bool, sample_fn=None, metric_fn=None) -> None:
     """Refuse, before any work, a gate whose figure this run cannot produce (unless optional)."""
-    missing = measurable(handle, recipe, has_calib)
+    missing = measurable(handle, recipe, has_calib, sample_fn, metric_fn)
     for name, expr in recipe.gates.items():
         if name in missing and not gate_optional(expr):
             raise UserError(
@@ -179,12 +185,50 @@ def check_gates(handle, recipe: Recipe, has_calib: bool) -> None:
             )
 
 
+def _as_images(x: Any) -> np.ndarray:
+    """A user sampler's output as float32 (N, H, W, 3) in [0, 1]."""
+    arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    arr = arr.astype(np.float32)
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise UserError(f"sample_fn returned shape {arr.shape}; return images (N, H, W, 3) or "
+                        "(N, 3, H, W) in [0, 1]")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+        raise UserError(f"sample_fn returned values in [{arr.min():.3g}, {arr.max():.3g}]; "
+                        "return images scaled to [0, 1] (decode latents first)")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def own_samples(sample_fn, module: nn.Module, seeds: list[int], chunk: int = 64):
+    """Run a user's sampler over ``seeds`` in chunks: (images, conditions or None)."""
+    from tqdm.auto import tqdm
+
+    images, conds = [], []
+    for i in tqdm(range(0, len(seeds), chunk), desc="sampling", leave=False):
+        with torch.no_grad():
+            out = sample_fn(module, list(seeds[i : i + chunk]))
+        if isinstance(out, tuple) and len(out) == 2:
+            out, c = out
+            conds.extend(list(c))
+        imgs = _as_images(out)
+        if imgs.shape[0] != len(seeds[i : i + chunk]):
+            raise UserError(f"sample_fn returned {imgs.shape[0]} images for "
+                            f"{len(seeds[i : i + chunk])} seeds; return one per seed")
+        images.append(imgs)
+    return np.concatenate(images), (conds or None)
+
+
 def run_recipe(
     recipe: Recipe | str | Path | dict,
     model: str | Path | nn.Module = "demo",
     out: str | Path | None = None,
     *,
     calibrate_fn=None,
+    sample_fn=None,
+    metric_fn=None,
     spec=None,
     inplace: bool = False,
     overrides: list[str] | None = None,
@@ -201,6 +245,13 @@ def run_recipe(
         out: output directory (None: keep the result in memory only; the report is returned).
         calibrate_fn: for an nn.Module, the callable that feeds it calibration inputs; its
             first call is also traced once to find the blocks and each layer's role.
+        sample_fn: for an nn.Module, your sampler: ``sample_fn(module, seeds)`` returns images
+            (N, H, W, 3) or (N, 3, H, W) in [0, 1], tensor or array, one per seed, or
+            ``(images, conditions)``. The original and the compressed module are sampled on
+            the same seeds (``eval.seed + i``, ``eval.num_prompts`` of them) for PSNR/SSIM.
+        metric_fn: ``metric_fn(images, conditions)`` -> a score (e.g. a classifier's accuracy),
+            reported as ``prompt_accuracy`` / ``teacher_prompt_accuracy`` (and so gated by
+            ``prompt_accuracy_drop``).
         spec: a ``compress.ModelSpec`` naming blocks/roles of an nn.Module (overrides the
             recipe's ``model:`` and what is inferred).
         inplace: compress the given nn.Module itself; by default a deep copy is compressed and
@@ -232,6 +283,13 @@ def run_recipe(
 
         recipe = validate(apply_overrides(recipe.resolved(), overrides, "<recipe>"))
 
+    if isinstance(model, (str, Path)) and str(model) == "demo-dit":
+        from compress.demo import shapedit_task as task
+
+        model, inplace = task.load_shapedit(), True
+        calibrate_fn = calibrate_fn or task.calibrate
+        sample_fn = sample_fn or task.sample_fn
+        metric_fn = metric_fn or task.metric_fn
     prepared: list[dict] = []
     if spec is not None:
         from compress.models.spec import ModelSpec
@@ -254,7 +312,8 @@ def run_recipe(
             raise UserError("recipe key 'model' (blocks/roles) applies to your own nn.Module; "
                             f"the {Path(str(model)).name} pipeline's layout is known: remove it")
         handle = load_model(model, device=device)
-    check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None)
+    check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None,
+                sample_fn=sample_fn, metric_fn=metric_fn)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
     torch.manual_seed(recipe.seed)
@@ -297,8 +356,12 @@ def run_recipe(
 
     ev = recipe.eval
     do_eval = ev.enabled and handle.pipeline is not None
-    teacher = eval_prompts = eval_seeds = None
+    own_eval = ev.enabled and handle.pipeline is None and sample_fn is not None
+    teacher = eval_prompts = eval_seeds = conditions = None
     gen_args: dict[str, Any] = {}
+    if own_eval:  # the user's sampler on the original (still uncompressed) module
+        eval_seeds = [ev.seed + i for i in range(ev.num_prompts)]
+        teacher, conditions = own_samples(sample_fn, tr, eval_seeds)
     if do_eval:
         from compress.metrics.evaluate import teacher_images
 
@@ -334,6 +397,16 @@ def run_recipe(
 
         student = sample_images(handle, eval_prompts, eval_seeds, **gen_args)
         quality.update(quality_of(teacher, student, eval_prompts, demo=_is_demo(handle)))
+    if own_eval:
+        from compress.metrics.evaluate import quality as quality_of
+
+        student, _ = own_samples(sample_fn, tr, eval_seeds)
+        quality.update(quality_of(teacher, student, None, demo=False))
+        if metric_fn is not None:
+            quality["prompt_accuracy"] = float(metric_fn(student, conditions))
+            quality["teacher_prompt_accuracy"] = float(metric_fn(teacher, conditions))
+            quality["metric"] = getattr(metric_fn, "__name__", "metric_fn")
+        eval_prompts = [str(c) for c in conditions] if conditions is not None else None
     latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
 
     new_bytes = stored_bytes(tr)
@@ -356,7 +429,8 @@ def run_recipe(
         "quality": quality,
         "timing": {"total_seconds": round(time.perf_counter() - t_run, 3),
                    "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3)},
-        "eval": {"prompts": eval_prompts, "seeds": eval_seeds, **gen_args} if do_eval else None,
+        "eval": ({"prompts": eval_prompts, "seeds": eval_seeds, **gen_args}
+                 if do_eval or own_eval else None),
     }
     report["gates"] = _gates(recipe, report)
 
