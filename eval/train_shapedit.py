@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.demo.shapedit import (  # noqa: E402
+from compress.demo.shapedit import (
     DEFAULT_CONFIG,
     NULL_CLASS,
     TRAIN_STEPS,
@@ -35,8 +35,8 @@ from compress.demo.shapedit import (  # noqa: E402
     class_captions,
     sample,
 )
-from compress.demo.shapes import render, sample_scene  # noqa: E402
-from compress.metrics.checker import accuracy  # noqa: E402
+from compress.demo.shapes import render, sample_scene
+from compress.metrics.checker import accuracy
 
 
 def make_batch(seed: int, step: int, bs: int, cap_index: dict[str, int]):

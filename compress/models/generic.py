@@ -103,7 +103,7 @@ def analyse_module(module: nn.Module, args: tuple | None = None, kwargs: dict | 
     call = None
     if args is not None or kwargs is not None:
         a, k = tuple(args or ()), dict(kwargs or {})
-        call = lambda: module(*a, **k)  # noqa: E731
+        call = lambda: module(*a, **k)
     s = analyse(module, call, batch_of(tuple(args or ()), dict(kwargs or {})), name_hint,
                 block_spec=getattr(spec, "blocks", None), roles_spec=getattr(spec, "roles", None))
     _STRUCTURES[module] = s

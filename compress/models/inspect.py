@@ -136,8 +136,9 @@ def format_inspect(d: dict[str, Any]) -> str:
             out.append(f"  {role:10s} {_human(n):>9s}  {100 * n / total:5.1f}%")
     rows = _grouped_layers(d)
     width = max((len(r[0]) for r in rows), default=10)
-    out += ["", f"weight layers ({len(d['layers'])}; * = every block of the list, [i-j] = "
-                "those blocks only)"]
+    head = (f"weight layers ({len(d['layers'])}; * = every block of the list, [i-j] = "
+            "those blocks only)")
+    out += ["", head]
     for name, typ, role, shape, count, reason in rows:
         why = f"  ({reason})" if reason else ""
         out.append(f"  {name:{width}s}  {typ:7s} {role:10s} {shape:12s} {count:4s}{why}".rstrip())

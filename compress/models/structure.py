@@ -25,6 +25,7 @@ from compress.models.trace import FlowTrace, trace_call
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MIN_SHARE = 0.05  # a stack holds at least this share of the model's layer weights
+_PAIR_SHARE = 0.15  # ... and a stack of only two members at least this share
 _INNER_SHARE = 0.9  # an inner stack holding this much of an outer one's weights is preferred
 
 
@@ -62,14 +63,16 @@ def find_stacks(root: nn.Module) -> list[tuple[str, list[str]]]:
     for pname, parent in root.named_modules():
         groups: dict[type, list[str]] = defaultdict(list)
         for cname, child in parent.named_children():
-            if isinstance(child, WEIGHT_TYPES):
-                continue
+            if isinstance(child, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)):
+                continue  # layers and bare containers are not blocks; their members may be
             groups[type(child)].append(f"{pname}.{cname}" if pname else cname)
         for names in groups.values():
             if len(names) < 2:
                 continue
             size = sum(_layer_params(root.get_submodule(n)) for n in names)
-            if size >= _MIN_SHARE * total:
+            # a pair is a stack only when it is big (two blocks), not two small embedders
+            need = _MIN_SHARE if len(names) >= 3 else _PAIR_SHARE
+            if size >= need * total:
                 cands.append((pname, names, size))
 
     def inside(a: list[str], b: list[str]) -> bool:  # every block of a lies in a block of b
@@ -148,6 +151,16 @@ def _descends_from_norm(tr: FlowTrace, prov: frozenset[int]) -> bool:
     return any(tr.nodes[i].kind == "norm" for i in prov)
 
 
+def _other_stream(tr: FlowTrace, q_src: set[int], k_src: set[int]) -> bool:
+    """Keys from another sequence: no key layer reads what a query layer reads."""
+    ql = [tr.nodes[i] for i in q_src if tr.nodes[i].kind == "layer"]
+    kl = [tr.nodes[i] for i in k_src if tr.nodes[i].kind == "layer"]
+    if not ql or not kl:
+        return False
+    q_in = frozenset().union(*(n.producers for n in ql))
+    return not any(n.producers & q_in or n.name in {m.name for m in ql} for n in kl)
+
+
 def infer_roles(tr: FlowTrace, layer_names: list[str], blocks: list[str], batch: int | None,
                 hint: Callable[[str], str | None]) -> tuple[dict[str, str], dict[str, str]]:
     """Role and reason per layer from a trace (``hint`` is the name-based fallback)."""
@@ -160,7 +173,8 @@ def infer_roles(tr: FlowTrace, layer_names: list[str], blocks: list[str], batch:
         if node.kind != "attn":
             continue
         q, k, v = (node.inputs + [frozenset()] * 3)[:3]
-        cross = node.info.get("q_len", -1) != node.info.get("k_len", -1)
+        cross = node.info.get("q_len", -1) != node.info.get("k_len", -1) or \
+            _other_stream(tr, _sources(tr, q), _sources(tr, k))
         what = "cross-attention (keys of another length)" if cross else "self-attention"
         for lname in _layers(tr, _sources(tr, q) | _sources(tr, k) | _sources(tr, v)):
             attn_role.setdefault(lname, ("cross_attn" if cross else "attn_qkv",
@@ -185,13 +199,14 @@ def infer_roles(tr: FlowTrace, layer_names: list[str], blocks: list[str], batch:
         if not acts:
             continue
         ff_role.setdefault(node.name, ("ff_out", f"takes the output of {acts[0].name}"))
-        feeders = set()
+        feeders: set[str] = set()
         for a in acts:
             feeders |= _layers(tr, _sources(tr, a.producers))
         feeders |= _layers(tr, src)  # a gated partner (x * act(w x)) feeds the product directly
         for f in feeders - per_sample - {node.name}:
-            ff_role.setdefault(f, ("ff_in", f"feeds {acts[0].name} into "
-                                         f"{node.name.rsplit('.', 1)[-1]}"))
+            leaf = node.name.rsplit(".", 1)[-1]
+            if ff_role.get(f, ("",))[0] != "ff_in":  # a layer between two non-linearities
+                ff_role[f] = ("ff_in", f"feeds {acts[0].name} into {leaf}")
 
     first_block = min((calls_i for b in blocks for n, c in calls.items()
                        if n.startswith(b + ".") for calls_i in c), default=None)

@@ -12,6 +12,7 @@ like. Tensors are held only by weak references: the trace keeps no activation al
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
 
 _LAYER_FUNCS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv"}
 _ACTS = {"gelu", "silu", "relu", "mish", "elu", "selu", "celu", "leaky_relu", "softplus",
@@ -106,8 +109,8 @@ class FlowTrace(TorchFunctionMode):
         out = func(*args, **kwargs)
         try:
             self._record(func, args, kwargs, out)
-        except Exception:  # noqa: BLE001 - tracing must never change what the model does
-            pass
+        except Exception as exc:  # noqa: BLE001 - tracing must never change what the model does
+            log.debug("trace: could not record %s (%s)", _fname(func), exc)
         return out
 
     def _record(self, func, args, kwargs, out) -> None:
