@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_demo import save_atomic  # the demo trainer's atomic checkpoint write (eval/ is on path)
 
 from compress.demo.shapedit import (
     DEFAULT_CONFIG,
@@ -52,12 +53,6 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
         return peak * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def evaluate(ema: dict, n: int = 96) -> dict[str, float]:

@@ -79,18 +79,23 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> to
         cfg = defn.config.model_validate(p["config"])
         defn.restore(tr, cfg, p["meta"])
     sd = _state_dict(tdir)
-    missing, unexpected = tr.load_state_dict(sd, strict=False, assign=True)
+    return _fill(tr, sd, tdir, device, "weights do not match the manifest",
+                 "the output is damaged or from another version")
+
+
+def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, device,
+          what: str, todo: str) -> torch.nn.Module:
+    """Load ``sd`` into a rebuilt (meta-device) module; every tensor must get a stored value."""
+    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
-        raise UserError(
-            f"{tdir}: weights do not match the manifest (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); the output is damaged or from another version"
-        )
-    still_meta = [n for n, t in list(tr.named_parameters()) + list(tr.named_buffers())
+        raise UserError(f"{tdir}: {what} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                        f"{todo}")
+    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
                   if t.device.type == "meta"]
     if still_meta:
         raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
-    own_memory_(tr)
-    return tr.to(device).eval()
+    own_memory_(module)
+    return module.to(device).eval()
 
 
 def load_module(out: str | Path, module: torch.nn.Module,
@@ -134,22 +139,13 @@ def load_module(out: str | Path, module: torch.nn.Module,
             raise UserError(f"{tdir}: the module has no layer the manifest names ({exc}); "
                             "build it with the same config") from None
     sd = _state_dict(tdir)
+    kept = dict(module.named_parameters()) | dict(module.named_buffers())
     for k, v in sd.items():  # layers left as they were must match in shape
-        if k in expected and expected[k] != tuple(v.shape) and \
-                k in dict(module.named_parameters()) | dict(module.named_buffers()):
+        if k in expected and k in kept and expected[k] != tuple(v.shape):
             raise UserError(f"{tdir}: {k} is stored with shape {tuple(v.shape)} but the module has "
                             f"{expected[k]}; build it with the config it was compressed from")
-    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise UserError(
-            f"{tdir}: the module does not match the output (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); build it with the config it was compressed from")
-    still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
-                  if t.device.type == "meta"]
-    if still_meta:
-        raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
-    own_memory_(module)
-    return module.to(device).eval()
+    return _fill(module, sd, tdir, device, "the module does not match the output",
+                 "build it with the config it was compressed from")
 
 
 def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):
