@@ -387,7 +387,7 @@ class CalibrationSet:
         block = find_block(transformer, adapter, block_name)
         for i in range(len(self)):
             s = self.sample(i).to(device)
-            yield inputs_to_block(transformer, adapter, block, s.args, s.kwargs)
+            yield inputs_to_block(transformer, adapter, block, s.args, s.kwargs, block_name)
 
 
 def find_block(transformer: nn.Module, adapter: Any, block_name: str) -> nn.Module:
@@ -404,7 +404,8 @@ def find_block(transformer: nn.Module, adapter: Any, block_name: str) -> nn.Modu
 
 
 def inputs_to_block(
-    transformer: nn.Module, adapter: Any, block: nn.Module, args: tuple, kwargs: dict[str, Any]
+    transformer: nn.Module, adapter: Any, block: nn.Module, args: tuple, kwargs: dict[str, Any],
+    name: str = "the requested block",
 ) -> tuple[tuple, dict[str, Any]]:
     """Run ``transformer`` on one input until ``block`` is called; return the block's inputs."""
     seen: list[tuple[tuple, dict[str, Any]]] = []
@@ -422,5 +423,11 @@ def inputs_to_block(
     finally:
         handle.remove()
     if not seen:
-        raise RuntimeError("the transformer finished without calling the requested block")
+        from compress.errors import UserError
+
+        raise UserError(f"block {name!r} is not called when the model runs on a calibration "
+                        "sample (iterated or skipped, not called), so it cannot be calibrated "
+                        "block by block; name the blocks that are called with the recipe key "
+                        "model.blocks or compress.ModelSpec(blocks=...) (compress.inspect shows "
+                        "what was found)")
     return seen[0]

@@ -50,13 +50,31 @@ def _layer_params(m: nn.Module) -> int:
                if isinstance(x, WEIGHT_TYPES) and getattr(x, "weight", None) is not None)
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _stage_members(mod: nn.Module, name: str) -> list[str]:
+    """The blocks a stage container holds, expanded through nested stages: a ModuleList,
+    ModuleDict or Sequential whose members all share one non-layer class is a stage."""
+    if not isinstance(mod, _CONTAINERS):
+        return [name]
+    kids = list(mod.named_children())
+    if not kids:
+        return []
+    kinds = {type(c) for _, c in kids}
+    stagey = all(isinstance(c, _CONTAINERS) for _, c in kids)
+    if not stagey and (len(kinds) > 1 or isinstance(kids[0][1], WEIGHT_TYPES)):
+        return [name] if isinstance(mod, nn.Sequential) else []
+    return [n for c, child in kids for n in _stage_members(child, f"{name}.{c}")]
+
+
 def find_stacks(root: nn.Module) -> list[tuple[str, list[str]]]:
     """[(container name, [block names])]: groups of same-class siblings that hold weight layers.
 
     Every parent's children are grouped by class; a group of two or more non-layer modules
     holding at least ``_MIN_SHARE`` of the model's layer weights is a candidate. Candidates are
-    taken largest first without overlap, and an inner candidate that holds nearly all of an
-    outer one's weights (blocks inside stages) is taken instead of the outer one.
+    taken largest first without overlap, and inner candidates that together hold nearly all of
+    an outer one's weights (blocks inside one or several stages) are taken instead of it.
     """
     total = max(_layer_params(root), 1)
     cands: list[tuple[str, list[str], int]] = []
@@ -66,28 +84,51 @@ def find_stacks(root: nn.Module) -> list[tuple[str, list[str]]]:
             if isinstance(child, (*WEIGHT_TYPES, nn.ModuleList, nn.ModuleDict)):
                 continue  # layers and bare containers are not blocks; their members may be
             groups[type(child)].append(f"{pname}.{cname}" if pname else cname)
+        # blocks pooled across the stages of a container (a ModuleDict or list of stages, each
+        # a Sequential/ModuleList of same-class blocks, the stages of unequal length)
+        pooled: dict[type, list[str]] = defaultdict(list)
+        for cname, child in parent.named_children():
+            if isinstance(child, _CONTAINERS):
+                for n in _stage_members(child, f"{pname}.{cname}" if pname else cname):
+                    pooled[type(root.get_submodule(n))].append(n)
+        for cls, names in pooled.items():
+            if not issubclass(cls, WEIGHT_TYPES) and names not in groups.values():
+                groups[(cls, "pooled")] = names  # type: ignore[index]
         for names in groups.values():
             if len(names) < 2:
                 continue
             size = sum(_layer_params(root.get_submodule(n)) for n in names)
             # a pair is a stack only when it is big (two blocks), not two small embedders
             need = _MIN_SHARE if len(names) >= 3 else _PAIR_SHARE
-            if size >= need * total:
+            if size < need * total:
+                continue
+            same = [i for i, c in enumerate(cands) if c[1] == names]
+            if not same:
                 cands.append((pname, names, size))
+            elif len(pname) > len(cands[same[0]][0]):  # named by its nearest container
+                cands[same[0]] = (pname, names, size)
 
     def inside(a: list[str], b: list[str]) -> bool:  # every block of a lies in a block of b
         return all(any(x.startswith(y + ".") for y in b) for x in a)
 
+    def outermost(group: list[tuple[str, list[str], int]]) -> list[tuple[str, list[str], int]]:
+        return [c for c in group if not any(d is not c and inside(c[1], d[1]) for d in group)]
+
     keep = []
     for c in cands:
-        inner = [d for d in cands if d is not c and inside(d[1], c[1])]
-        if any(d[2] >= _INNER_SHARE * c[2] for d in inner):
+        # stacks inside c's members that together hold nearly all of c (blocks inside stages,
+        # one stage or several) are the blocks; c is only their container
+        inner = outermost([d for d in cands if d is not c and inside(d[1], c[1])])
+        if sum(d[2] for d in inner) >= _INNER_SHARE * c[2]:
             continue
         keep.append(c)
     keep.sort(key=lambda c: (-c[2], -len(c[1])))
     chosen: list[tuple[str, list[str], int]] = []
+    def overlap(a: list[str], b: list[str]) -> bool:  # a module of a is, holds or sits in one of b
+        return any(x == y or x.startswith(y + ".") or y.startswith(x + ".") for x in a for y in b)
+
     for c in keep:
-        if any(inside(c[1], d[1]) or inside(d[1], c[1]) for d in chosen):
+        if any(overlap(c[1], d[1]) for d in chosen):
             continue
         chosen.append(c)
     return [(p, names) for p, names, _ in chosen]
