@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -185,42 +184,6 @@ def check_gates(handle, recipe: Recipe, has_calib: bool, sample_fn=None, metric_
             )
 
 
-def _as_images(x: Any) -> np.ndarray:
-    """A user sampler's output as float32 (N, H, W, 3) in [0, 1]."""
-    arr = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    arr = arr.astype(np.float32)
-    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
-        arr = arr.transpose(0, 2, 3, 1)
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise UserError(f"sample_fn returned shape {arr.shape}; return images (N, H, W, 3) or "
-                        "(N, 3, H, W) in [0, 1]")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
-        raise UserError(f"sample_fn returned values in [{arr.min():.3g}, {arr.max():.3g}]; "
-                        "return images scaled to [0, 1] (decode latents first)")
-    return np.clip(arr, 0.0, 1.0)
-
-
-def own_samples(sample_fn, module: nn.Module, seeds: list[int], chunk: int = 64):
-    """Run a user's sampler over ``seeds`` in chunks: (images, conditions or None)."""
-    from tqdm.auto import tqdm
-
-    images, conds = [], []
-    for i in tqdm(range(0, len(seeds), chunk), desc="sampling", leave=False):
-        with torch.no_grad():
-            out = sample_fn(module, list(seeds[i : i + chunk]))
-        if isinstance(out, tuple) and len(out) == 2:
-            out, c = out
-            conds.extend(list(c))
-        imgs = _as_images(out)
-        if imgs.shape[0] != len(seeds[i : i + chunk]):
-            raise UserError(f"sample_fn returned {imgs.shape[0]} images for "
-                            f"{len(seeds[i : i + chunk])} seeds; return one per seed")
-        images.append(imgs)
-    return np.concatenate(images), (conds or None)
-
-
 def run_recipe(
     recipe: Recipe | str | Path | dict,
     model: str | Path | nn.Module = "demo",
@@ -246,10 +209,12 @@ def run_recipe(
         calibrate_fn: for an nn.Module, the callable that feeds it calibration inputs; its
             first call is also traced once to find the blocks and each layer's role.
         sample_fn: for an nn.Module, your sampler: ``sample_fn(module, seeds)`` returns images
-            (N, H, W, 3) or (N, 3, H, W) in [0, 1], tensor or array, one per seed, or
-            ``(images, conditions)``. The original and the compressed module are sampled on
-            the same seeds (``eval.seed + i``, ``eval.num_prompts`` of them) for PSNR/SSIM.
-        metric_fn: ``metric_fn(images, conditions)`` -> a score (e.g. a classifier's accuracy),
+            (N, H, W, 3) or (N, 3, H, W) in [0, 1], or latents (any other shape, N first),
+            tensor or array, one per seed, or ``(samples, conditions)``. The original and the
+            compressed module are sampled on the same seeds (``eval.seed + i``,
+            ``eval.num_prompts`` of them) for PSNR/SSIM (latents: PSNR over the original's
+            value range), and mixed precision's ``image`` metric uses it too.
+        metric_fn: ``metric_fn(samples, conditions)`` -> a score (e.g. a classifier's accuracy),
             reported as ``prompt_accuracy`` / ``teacher_prompt_accuracy`` (and so gated by
             ``prompt_accuracy_drop``).
         spec: a ``compress.ModelSpec`` naming blocks/roles of an nn.Module (overrides the
@@ -304,7 +269,8 @@ def run_recipe(
 
         if not inplace:
             model = copy.deepcopy(model)
-        handle = ModelHandle(transformer=model, adapter=GENERIC, calibrate_fn=calibrate_fn)
+        handle = ModelHandle(transformer=model, adapter=GENERIC, calibrate_fn=calibrate_fn,
+                             sample_fn=sample_fn)
         prepare = getattr(GENERIC, "prepare", None)  # unfuse torch attention, register lists
         prepared = prepare(model) if prepare is not None else []
     else:
@@ -361,7 +327,9 @@ def run_recipe(
     gen_args: dict[str, Any] = {}
     if own_eval:  # the user's sampler on the original (still uncompressed) module
         eval_seeds = [ev.seed + i for i in range(ev.num_prompts)]
-        teacher, conditions = own_samples(sample_fn, tr, eval_seeds)
+        from compress.metrics.own import own_samples
+
+        teacher, conditions, sample_kind = own_samples(sample_fn, tr, eval_seeds)
     if do_eval:
         from compress.metrics.evaluate import teacher_images
 
@@ -398,14 +366,13 @@ def run_recipe(
         student = sample_images(handle, eval_prompts, eval_seeds, **gen_args)
         quality.update(quality_of(teacher, student, eval_prompts, demo=_is_demo(handle)))
     if own_eval:
-        from compress.metrics.evaluate import quality as quality_of
+        from compress.metrics.own import judge, own_samples
 
-        student, _ = own_samples(sample_fn, tr, eval_seeds)
-        quality.update(quality_of(teacher, student, None, demo=False))
-        if metric_fn is not None:
-            quality["prompt_accuracy"] = float(metric_fn(student, conditions))
-            quality["teacher_prompt_accuracy"] = float(metric_fn(teacher, conditions))
-            quality["metric"] = getattr(metric_fn, "__name__", "metric_fn")
+        student, _, kind = own_samples(sample_fn, tr, eval_seeds)
+        if kind != sample_kind:
+            raise UserError(f"sample_fn returned {sample_kind} for the original module and "
+                            f"{kind} for the compressed one")
+        quality.update(judge(teacher, student, kind, metric_fn, conditions))
         eval_prompts = [str(c) for c in conditions] if conditions is not None else None
     latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
 
@@ -437,12 +404,14 @@ def run_recipe(
     if out is not None:
         from compress.report import write_report
 
+        # latents have no picture to show; their figures are in the report
+        pics = (None, None) if quality.get("samples") == "latents" else (teacher, student)
         manifest = build_manifest(handle, recipe.resolved(), recipe.hash(), manifest_passes,
                                   prepared=prepared)
         write_output(
             Path(out), handle=handle, manifest=manifest,
             recipe_yaml=yaml.safe_dump(recipe.resolved(), sort_keys=False),
-            write_extras=lambda d: write_report(d, report, teacher, student, eval_prompts),
+            write_extras=lambda d: write_report(d, report, *pics, eval_prompts),
             force=force,
         )
     report["_student_images"] = student

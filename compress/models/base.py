@@ -80,7 +80,8 @@ class ModelHandle:
     """A loaded model: the pipeline (if any), its transformer and its family adapter.
 
     For a plain ``nn.Module`` from Python, ``pipeline`` is None and ``calibrate_fn`` is the
-    user's callable that runs the module on representative inputs (ModelOpt's forward_loop).
+    user's callable that runs the module on representative inputs (ModelOpt's forward_loop) and
+    ``sample_fn`` the user's sampler (module and seeds in, images or latents out), if given.
     """
 
     transformer: nn.Module
@@ -89,6 +90,7 @@ class ModelHandle:
     source: Path | None = None
     source_hash: str | None = None
     calibrate_fn: Callable[[nn.Module], None] | None = None
+    sample_fn: Callable[[nn.Module, list[int]], Any] | None = None
 
     @property
     def family(self) -> str:

@@ -54,13 +54,17 @@ def fmt_psnr(quality: dict[str, Any]) -> str:
         return "identical"
     if value is None:
         return "identical" if quality.get("identical_to_teacher") else NA
+    if quality.get("samples") == "latents":  # peak: the original's value range
+        return f"{float(value):.2f} dB (latents)"
     return f"{float(value):.2f} dB"
 
 
 def display_name(report: dict[str, Any]) -> str:
     """The model's path, or its family when it was a module passed from Python."""
     model = report["model"]
-    return str(model.get("path") or f"{model.get('family')} model")
+    if model.get("path"):
+        return str(model["path"])
+    return str(model.get("class") or f"{model.get('family')} model")
 
 
 def compression_seconds(report: dict[str, Any]) -> float | None:
