@@ -213,7 +213,9 @@ def apply(handle, calib, cfg: Config) -> PassResult:
 
     mp_report = None
     if cfg.mixed_precision is not None:
-        alloc_bits, mp_report = _mixed_precision(handle, calib, cfg, specs, roles, aux, act)
+        from compress.passes.ptq_mixed import allocate_bits
+
+        alloc_bits, mp_report = allocate_bits(handle, calib, cfg, specs, roles, aux, act)
         specs = {n: s.model_copy(update={"bits": alloc_bits[n]}) if n in alloc_bits else s
                  for n, s in specs.items() if alloc_bits.get(n, 0) < 16}
 
@@ -357,7 +359,8 @@ def _quantize_layer(mod: nn.Module, spec: WeightSpec, cfg: Config, stats, name: 
         lq = svdquant(w, x, cfg.lowrank.rank, spec.bits, 4, spec.group(), spec.symmetric,
                       alphas=alphas, quantize_residual=quant_res)
         new = LowRankQLinear.from_lowrank(lq, mod.bias, spec.group(), 4)
-        info.update({"kind": "lowrank", "rank": cfg.lowrank.rank, "a_bits": 4,
+        # the rank actually used: svdquant caps it at min(out, in) on narrow layers
+        info.update({"kind": "lowrank", "rank": new.rank, "a_bits": 4,
                      "smooth": lq.s is not None})
         ref = x @ w.T
         y = new(x) - (new.bias if new.bias is not None else 0)
@@ -465,76 +468,6 @@ def _static_scales(stats, name: str, s, ctx) -> torch.Tensor:
             amax = amax / s.to(amax.device)
         out.append(float(amax.max()) / 127.0)
     return torch.tensor(out).clamp_min(1e-8)
-
-
-def _mixed_precision(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles,
-                     aux: set[str], act: set[str]):
-    """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate.
-
-    Every integer-format layer takes part (fp8 ones keep their format). Auxiliary layers
-    (embedders, adaLN, the final projection, convs outside the blocks) are weight-only and may
-    also stay in 16 bits, which the budget counts at 16 bits a weight.
-    """
-    from compress.quant import mixed
-    from compress.quant.collect import RowSampler, run_stage
-    from compress.quant.sensitivity import Choice, image_tables, output_tables
-    from compress.targets import matches
-
-    mp = cfg.mixed_precision
-    tr = handle.transformer
-    mods = {n: tr.get_submodule(n) for n, s in specs.items() if s.format == "int"}
-    if not mods:
-        return {}, None
-    rs = RowSampler(mods, max_rows=256)
-    try:
-        run_stage(handle, calib, None, cfg.calib_samples)
-    finally:
-        rs.remove()
-    weights = {n: m.weight.detach().float().flatten(1) for n, m in mods.items()}
-    inputs = {n: rs.get(n) for n in mods}
-    a_bits = cfg.activations.bits if cfg.activations is not None else None
-    base = set(mp.candidates)
-    choices = {
-        n: Choice(tuple(sorted(base | ({mixed.FLOAT_BITS} if n in aux else set()))),
-                  specs[n].group(), specs[n].symmetric, a_bits if n in act else None,
-                  getattr(m, "groups", 1))
-        for n, m in mods.items()
-    }
-    tables = []
-    out_t = output_tables(weights, inputs, choices)
-    tables.append(mixed.normalise(out_t))
-    img_t = None
-    if "image" in mp.metrics and handle.pipeline is not None and handle.adapter.generate:
-        m = calib.meta
-        prompts = list(m["prompts"])[: mp.image_prompts]
-        seeds = list(m["seeds"])[: mp.image_prompts]
-        img_t = image_tables(handle, mods, choices, prompts, seeds, mp.image_steps,
-                             m.get("guidance"), m.get("resolution"))
-        tables.append(mixed.normalise(img_t))
-    sens = mixed.combine(tables)
-    params = {n: w.numel() for n, w in weights.items()}
-    keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
-
-    def cost(n: str, b: int) -> float:
-        return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
-
-    try:
-        alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
-    except ValueError as exc:
-        raise UserError(f"ptq.mixed_precision: {exc}; raise avg_bits or narrow include/keep_high"
-                        ) from None
-    table = [
-        {"layer": n, "role": roles[n], "bits": alloc.bits[n], "params": params[n],
-         "act_bits": choices[n].a_bits,
-         **{f"out_err@{b}": round(out_t[n][b], 6) for b in choices[n].candidates},
-         **({f"img_err@{b}": round(img_t[n][b], 8) for b in choices[n].candidates}
-            if img_t else {})}
-        for n in mods
-    ]
-    kept = [n for n in mods if alloc.bits[n] >= mixed.FLOAT_BITS]
-    return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
-                        "metrics": mp.metrics if img_t else ["output"],
-                        "kept_full_precision": kept, "table": table}
 
 
 def forward_coverage(handle, calib, names: list[str]) -> list[str] | None:

@@ -2,14 +2,14 @@
 
 - output: the layer's own relative output error at each candidate bit width, on its captured
   calibration inputs (cheap, every layer);
-- image: PSNR of the pipeline's decoded images with only that layer quantised, against the
-  unquantised pipeline's, on a few calibration prompts (what users see; one pipeline run per
-  layer and candidate, so it is capped by ``image_layers``).
+- image: PSNR of the pipeline's decoded images (or a user's sampler's images or latents) with
+  only that layer quantised, against the unquantised ones, on a few calibration prompts or
+  seeds (what users see; one sampling run per layer and candidate).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,19 +45,17 @@ def output_tables(weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torc
     return out
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else float(10 * np.log10(1.0 / mse))
-
-
 @torch.no_grad()
-def image_tables(handle, modules: Mapping[str, torch.nn.Module], choices: Mapping[str, Choice],
-                 prompts: list[str], seeds: list[int], steps: int,
-                 guidance, resolution) -> dict[str, dict[int, float]]:
-    """{layer: {bits: image error}}: 10^(-PSNR/10) of images with only that layer's weight
-    quantised (Linear or Conv2d), 0 for the full-precision option."""
-    gen = handle.adapter.generate
-    ref = gen(handle.pipeline, prompts, seeds, steps, guidance, resolution)
+def image_tables(generate: Callable[[], tuple[np.ndarray, str]],
+                 modules: Mapping[str, torch.nn.Module], choices: Mapping[str, Choice]
+                 ) -> dict[str, dict[int, float]]:
+    """{layer: {bits: image error}}: 10^(-PSNR/10) of the samples with only that layer's
+    weight quantised (Linear or Conv2d) against the unquantised ones, 0 for the full-precision
+    option. ``generate()`` returns (samples, kind) on fixed seeds: a pipeline's images or a
+    user's sampler's images or latents (compress.metrics.own)."""
+    from compress.metrics.own import sample_error
+
+    ref, kind = generate()
     out: dict[str, dict[int, float]] = {}
     for n, mod in tqdm(modules.items(), desc="image sensitivity", leave=False):
         w0 = mod.weight.data
@@ -70,8 +68,8 @@ def image_tables(handle, modules: Mapping[str, torch.nn.Module], choices: Mappin
             wq = fake_quant_weight(w0.flatten(1), b, c.group_size, c.symmetric)
             mod.weight.data = wq.reshape(w0.shape).to(w0.dtype)
             try:
-                img = gen(handle.pipeline, prompts, seeds, steps, guidance, resolution)
+                got, _ = generate()
             finally:
                 mod.weight.data = w0
-            out[n][b] = 10.0 ** (-_psnr(ref, img) / 10.0)
+            out[n][b] = max(sample_error(ref, got, kind), 1e-10)
     return out

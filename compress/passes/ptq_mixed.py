@@ -1,0 +1,112 @@
+"""ptq's mixed precision: per-layer sensitivities (output error on captured inputs, and the
+image error of sampling with one layer quantised where a pipeline or the user's sampler can
+sample), then a bit allocation under the recipe's average-bits budget."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from compress.errors import UserError
+
+if TYPE_CHECKING:
+    from compress.passes.ptq import Config, WeightSpec
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: errors span many decades, fixed decimals would zero the small."""
+    return float(f"{x:.4g}")
+
+
+def _image_sampler(handle, calib, mp):
+    """What mixed precision's image metric samples: the pipeline on the first calibration
+    prompts, or the user's sampler on seeds 0..image_prompts-1; None when neither exists."""
+    import numpy as np
+
+    if handle.pipeline is not None and handle.adapter.generate:
+        m = calib.meta
+        prompts = list(m["prompts"])[: mp.image_prompts]
+        seeds = list(m["seeds"])[: mp.image_prompts]
+
+        def generate():
+            imgs = handle.adapter.generate(handle.pipeline, prompts, seeds, mp.image_steps,
+                                           m.get("guidance"), m.get("resolution"))
+            return np.asarray(imgs, dtype=np.float32), "images"
+        return generate
+    if handle.sample_fn is not None:
+        from compress.metrics.own import own_samples
+
+        def generate():
+            arr, _, kind = own_samples(handle.sample_fn, handle.transformer,
+                                       list(range(mp.image_prompts)), progress=False)
+            return arr, kind
+        return generate
+    return None
+
+
+def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles,
+                  aux: set[str], act: set[str]):
+    """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate.
+
+    Every integer-format layer takes part (fp8 ones keep their format). Auxiliary layers
+    (embedders, adaLN, the final projection, convs outside the blocks) are weight-only and may
+    also stay in 16 bits, which the budget counts at 16 bits a weight.
+    """
+    from compress.quant import mixed
+    from compress.quant.collect import RowSampler, run_stage
+    from compress.quant.sensitivity import Choice, image_tables, output_tables
+    from compress.targets import matches
+
+    mp = cfg.mixed_precision
+    tr = handle.transformer
+    mods = {n: tr.get_submodule(n) for n, s in specs.items() if s.format == "int"}
+    if not mods:
+        return {}, None
+    rs = RowSampler(mods, max_rows=256)
+    try:
+        run_stage(handle, calib, None, cfg.calib_samples)
+    finally:
+        rs.remove()
+    weights = {n: m.weight.detach().float().flatten(1) for n, m in mods.items()}
+    inputs = {n: rs.get(n) for n in mods}
+    a_bits = cfg.activations.bits if cfg.activations is not None else None
+    base = set(mp.candidates)
+    choices = {
+        n: Choice(tuple(sorted(base | ({mixed.FLOAT_BITS} if n in aux else set()))),
+                  specs[n].group(), specs[n].symmetric, a_bits if n in act else None,
+                  getattr(m, "groups", 1))
+        for n, m in mods.items()
+    }
+    tables = []
+    out_t = output_tables(weights, inputs, choices)
+    tables.append(mixed.normalise(out_t))
+    img_t = None
+    gen = _image_sampler(handle, calib, mp) if "image" in mp.metrics else None
+    if gen is not None:
+        img_t = image_tables(gen, mods, choices)
+        tables.append(mixed.normalise(img_t))
+    sens = mixed.combine(tables)
+    params = {n: w.numel() for n, w in weights.items()}
+    keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
+
+    def cost(n: str, b: int) -> float:
+        return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
+
+    try:
+        alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
+    except ValueError as exc:
+        raise UserError(f"ptq.mixed_precision: {exc}; raise avg_bits or narrow include/keep_high"
+                        ) from None
+    table = [
+        {"layer": n, "role": roles[n], "bits": alloc.bits[n], "params": params[n],
+         "act_bits": choices[n].a_bits,
+         **{f"out_err@{b}": _sig(out_t[n][b]) for b in choices[n].candidates},
+         **({f"img_err@{b}": _sig(img_t[n][b]) for b in choices[n].candidates}
+            if img_t else {})}
+        for n in mods
+    ]
+    kept = [n for n in mods if alloc.bits[n] >= mixed.FLOAT_BITS]
+    return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
+                        "metrics": mp.metrics if img_t else ["output"],
+                        **({"image_metric": "not measured: no pipeline and no sample_fn to "
+                            "sample the module"} if "image" in mp.metrics and not img_t else {}),
+                        "kept_full_precision": kept, "table": table}
