@@ -41,7 +41,7 @@ Notes per tool (CPU, this environment):
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,261 +58,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peer_schemes import PEER_SPECS, PEERS, Layers, peer_stored_bytes
 
 from compress.errors import UserError
 from compress.models.base import ModelHandle
-from compress.modules.swap import set_submodule
 
 log = logging.getLogger("compress.peers")
 
-Layers = list[tuple[str, nn.Module, str]]
-# apply(handle, layers, calib) -> pass-specific report fields
-ApplyFn = Callable[[ModelHandle, Layers, Any], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class _Peer:
-    description: str
-    apply: ApplyFn
-    tool: str  # distribution name, for its version in the report
-    settings: dict[str, Any]
-    whole_model: bool = False
-
-
-# ----------------------------------------------------------------------------- stored bytes
-
-
-def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
-    """Bytes ``t`` really holds: inner tensors of wrapper subclasses, shared storage once."""
-    if hasattr(type(t), "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
-    if t.numel() == 0:
-        return 0
-    ptr = t.data_ptr()
-    if ptr in seen:
-        return 0
-    seen.add(ptr)
-    return t.numel() * t.element_size()
-
-
-def peer_stored_bytes(module: nn.Module) -> int:
-    """The transformer's stored bytes, counting quantized tensor subclasses by what they hold.
-
-    Walks the state dict (what a save writes): quanto's QTensors are flattened recursively
-    into their data / scale / shift tensors, bitsandbytes layers contribute their packed
-    weight and the quant-state tensors their ``_save_to_state_dict`` emits.
-    """
-    seen: set[int] = set()
-    return sum(_tensor_bytes(t, seen) for t in module.state_dict().values())
-
-
-# ----------------------------------------------------------------------------- the peers
-
-
-def _calib_calls(handle: ModelHandle, calib: Any) -> int:
-    n = 0
-    with torch.inference_mode():
-        for i in range(len(calib)):
-            s = calib.sample(i)
-            handle.adapter.call(handle.transformer, s.args, s.kwargs)
-            n += 1
-    return n
-
-
-def _quanto(weights: str, activations: str | None) -> ApplyFn:
-    def apply(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
-        from optimum.quanto import Calibration, QModuleMixin, freeze, qtypes, quantize
-
-        tr = handle.transformer
-        names = [n for n, _, _ in layers]
-        # quanto matches fnmatch patterns; escaped exact names select exactly our layers
-        quantize(
-            tr,
-            weights=qtypes[weights],
-            activations=None if activations is None else qtypes[activations],
-            include=[glob.escape(n) for n in names],
-        )
-        out: dict[str, Any] = {}
-        if activations is not None:
-            if calib is None or len(calib) == 0:
-                raise UserError("quanto activation calibration needs captured inputs")
-            with Calibration(streamline=False):
-                out["calibration_calls"] = _calib_calls(handle, calib)
-        freeze(tr)
-        swapped = [n for n, m in tr.named_modules() if isinstance(m, QModuleMixin)]
-        if sorted(swapped) != sorted(names):
-            raise RuntimeError(f"quanto quantized {len(swapped)} layers, expected {len(names)}")
-        groups = {
-            getattr(m, "weight_group_size", None)
-            for m in tr.modules()
-            if isinstance(m, QModuleMixin)
-        }
-        out["weight_group_sizes"] = sorted(("channel" if g is None else g) for g in groups)
-        return out
-
-    return apply
-
-
-def _bnb_nf4(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
-    import bitsandbytes as bnb
-
-    tr = handle.transformer
-    sizes: set[int] = set()
-    for name, mod, _ in layers:
-        w = mod.weight
-        # bnb's default block of 64; its CPU kernel needs whole blocks per row, so a layer
-        # narrower than that (tiny test models) takes bnb's smallest block, 32
-        block = next((b for b in (64, 32) if mod.in_features % b == 0), 64)
-        sizes.add(block)
-        q = bnb.nn.Linear4bit(
-            mod.in_features, mod.out_features, bias=mod.bias is not None,
-            compute_dtype=w.dtype, quant_type="nf4", device="meta",
-        )
-        q.weight = bnb.nn.Params4bit(
-            w.detach().clone(), requires_grad=False, blocksize=block, quant_type="nf4",
-            module=q,
-        )
-        if mod.bias is not None:
-            q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        # Params4bit quantizes when moved to a real device (CPU included)
-        set_submodule(tr, name, q.to(w.device))
-    return {"blocksizes": sorted(sizes), "double_quant": True}
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-_INT8_CAST = "MatMul8bitLt: inputs will be cast"
-
-
-def _bnb_int8(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
-    import bitsandbytes as bnb
-
-    # bnb logs this on every matmul of a non-fp16 input; the report says it once instead
-    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropMessage) for f in bnb_log.filters):
-        bnb_log.addFilter(_DropMessage(_INT8_CAST))
-    tr = handle.transformer
-    threshold = None
-    for name, mod, _ in layers:
-        w = mod.weight
-        q = bnb.nn.Linear8bitLt(
-            mod.in_features, mod.out_features, bias=mod.bias is not None,
-            has_fp16_weights=False, device="meta",
-        )
-        q.weight = bnb.nn.Int8Params(w.detach().clone(), requires_grad=False,
-                                     has_fp16_weights=False)
-        if mod.bias is not None:
-            q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        q = q.to(w.device)  # Int8Params quantizes (per-row absmax) when moved to a device
-        threshold = q.state.threshold
-        set_submodule(tr, name, q)
-    return {"threshold": threshold,
-            "activations": "cast to float16, then int8 per token (dynamic absmax)"}
-
-
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast_floats(o, dtype) for o in obj]
-    if type(obj) is dict:  # a copy: the caller's dicts (added_cond_kwargs) stay as they were
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, dict):
-        for k in list(obj.keys()):  # in place: keeps diffusers' output classes intact
-            obj[k] = _cast_floats(obj[k], dtype)
-        return obj
-    return obj
-
-
-def _run_in_bf16(module: nn.Module) -> str:
-    """Cast ``module`` to bf16; its floating inputs are cast to bf16, its outputs back."""
-    outer = next(iter(module.parameters())).dtype
-    module.to(torch.bfloat16)
-
-    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _cast_floats(args, torch.bfloat16), _cast_floats(kwargs, torch.bfloat16)
-
-    def post(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
-        return _cast_floats(output, outer)
-
-    module.register_forward_pre_hook(pre, with_kwargs=True)
-    module.register_forward_hook(post, with_kwargs=True)
-    return str(outer).replace("torch.", "")
-
-
-def _bf16_layers(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
-    outer = {_run_in_bf16(mod) for _, mod, _ in layers}
-    return {"io_dtype": sorted(outer)}
-
-
-def _bf16_full(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
-    # The pipeline keeps latents and text embeddings in its own dtype: cast at the boundary.
-    return {"io_dtype": [_run_in_bf16(handle.transformer)]}
-
-
-PEER_SPECS: dict[str, _Peer] = {
-    "quanto-w8a8": _Peer(
-        "optimum-quanto qint8 weights (per output channel) + qint8 static activations, "
-        "calibrated with Calibration(streamline=False) on the captured inputs, then frozen",
-        _quanto("qint8", "qint8"), "optimum-quanto",
-        {"weights": "qint8", "activations": "qint8", "streamline": False},
-    ),
-    "quanto-w4a8": _Peer(
-        "optimum-quanto qint4 weights (groups of up to 128 inputs) + qint8 static activations, "
-        "calibrated with Calibration(streamline=False), then frozen",
-        _quanto("qint4", "qint8"), "optimum-quanto",
-        {"weights": "qint4", "activations": "qint8", "streamline": False},
-    ),
-    "quanto-w4": _Peer(
-        "optimum-quanto qint4 weights (groups of up to 128 inputs), float activations, frozen",
-        _quanto("qint4", None), "optimum-quanto", {"weights": "qint4", "activations": None},
-    ),
-    "quanto-w2": _Peer(
-        "optimum-quanto qint2 weights (groups of up to 128 inputs), float activations, frozen",
-        _quanto("qint2", None), "optimum-quanto", {"weights": "qint2", "activations": None},
-    ),
-    "bnb-nf4": _Peer(
-        "bitsandbytes Linear4bit nf4 (blocks of 64, double-quantized absmax), swapped in by "
-        "hand, computing in the model's dtype",
-        _bnb_nf4, "bitsandbytes", {"quant_type": "nf4", "blocksize": 64, "double_quant": True},
-    ),
-    "bnb-int8": _Peer(
-        "bitsandbytes Linear8bitLt: int8 weights per output row, activations cast to fp16 and "
-        "quantized to int8 per token, int8 matmul; threshold at the class default (0: no "
-        "outlier split), swapped in by hand",
-        _bnb_int8, "bitsandbytes", {"has_fp16_weights": False, "threshold": "class default"},
-    ),
-    "bf16": _Peer(
-        "the targeted layers' weights cast to bfloat16 (their inputs cast to bf16, outputs "
-        "back), everything else unchanged",
-        _bf16_layers, "torch", {"dtype": "bfloat16"},
-    ),
-    "bf16-full": _Peer(
-        "the whole transformer cast to bfloat16 (pipe.transformer.to(torch.bfloat16)); its "
-        "inputs cast to bf16, its output back",
-        _bf16_full, "torch", {"dtype": "bfloat16"}, whole_model=True,
-    ),
-}
-
-PEERS: dict[str, str] = {name: spec.description for name, spec in PEER_SPECS.items()}
-
 
 # ----------------------------------------------------------------------------- running
-
-
-def _is_demo(handle: ModelHandle) -> bool:
-    return handle.source is not None and str(handle.source) == "demo"
 
 
 def _version(dist: str) -> str | None:
@@ -322,70 +79,37 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def run_peer(
-    name: str,
-    model: str | Path,
-    out_dir: str | Path,
-    num_prompts: int,
-    calib_prompts: int = 8,
-    *,
-    device: str = "cpu",
-    cache_dir: str | Path | None = None,
-) -> Path:
-    """Apply peer scheme ``name`` to ``model``'s transformer, evaluate it like a recipe, and
-    write a schema-1 report (report.json / .md / .html) into ``out_dir``.
+@dataclass
+class _Setup:
+    """What every peer row of one model shares: the loaded model, its calibration inputs, the
+    evaluation seeds (and prompts or conditions), the teacher's samples, how to sample the
+    student and how to score it."""
 
-    Args:
-        name: one of ``PEERS``.
-        model: "demo" or a diffusers pipeline directory.
-        out_dir: where the report goes (created; report files are replaced).
-        num_prompts: evaluation prompts (the runner's "auto" eval prompts, seeds 1000 + i).
-        calib_prompts: calibration prompts (the runner's default is 8); the inputs are
-            captured for every peer because the latency step replays the first of them.
-        device: torch device.
-        cache_dir: root of the calibration and teacher caches (None: the runner's default).
+    handle: ModelHandle
+    calib: Any
+    teacher: Any
+    eval_prompts: list[str] | None
+    eval_seeds: list[int]
+    gen_args: dict[str, Any]
+    sample: Callable[[], Any]
+    score: Callable[[Any, Any], dict[str, Any]]
+    layers: Layers
 
-    Returns:
-        ``out_dir`` as a Path.
 
-    Raises:
-        UserError: unknown peer name or a model without a pipeline.
-    """
+def _pipeline_setup(model, cc, ev, device, cache) -> _Setup:
     from compress.calib.capture import capture
     from compress.metrics.evaluate import quality as quality_of
     from compress.metrics.evaluate import sample_images, teacher_images
-    from compress.metrics.timing import peak_rss_mb
     from compress.models import load_model
     from compress.passes.ptq import DEFAULT_INCLUDE
-    from compress.recipe import CalibrationConfig, EvalConfig
-    from compress.report import write_report
-    from compress.runner import (
-        buffer_elements,
-        count_params,
-        family_defaults,
-        resolve_prompts,
-        step_latency_ms,
-        stored_bytes,
-    )
+    from compress.runner import family_defaults, resolve_prompts
     from compress.targets import select
-
-    if name not in PEER_SPECS:
-        raise UserError(f"unknown peer {name!r} (known: {', '.join(PEER_SPECS)})")
-    peer = PEER_SPECS[name]
-    cc = CalibrationConfig(num_prompts=calib_prompts)
-    ev = EvalConfig(num_prompts=num_prompts)
 
     handle = load_model(model, device=device)
     if handle.pipeline is None:
-        raise UserError(f"{model}: peers are evaluated on images; pass a pipeline directory")
-    torch.manual_seed(0)  # the runner's default recipe seed
-    tr = handle.transformer
-    orig_params = count_params(tr)
-    orig_elems = orig_params + buffer_elements(tr)  # the runner's denominator for bits/weight
-    orig_bytes = stored_bytes(tr)
+        raise UserError(f"{model}: a transformer folder has no sampler; pass a pipeline "
+                        "directory, demo or demo-dit")
     defaults = family_defaults(handle)
-    cache = Path(cache_dir) if cache_dir else None
-
     prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
     calib = capture(
         handle, prompts,
@@ -403,9 +127,135 @@ def run_peer(
         "resolution": ev.resolution or defaults["resolution"],
     }
     teacher = teacher_images(handle, eval_prompts, eval_seeds, cache_dir=cache, **gen_args)
-    base_latency = step_latency_ms(handle, calib, ev.latency_repeats)
+    demo = handle.source is not None and str(handle.source) == "demo"  # the checker applies
+    return _Setup(
+        handle, calib, teacher, eval_prompts, eval_seeds, gen_args,
+        sample=lambda: sample_images(handle, eval_prompts, eval_seeds, **gen_args),
+        score=lambda t, st: quality_of(t, st, eval_prompts, demo=demo),
+        layers=select(handle.adapter, handle.transformer, list(DEFAULT_INCLUDE)),
+    )
 
-    layers = select(handle.adapter, tr, list(DEFAULT_INCLUDE))
+
+def _module_setup(module, calibrate_fn, sample_fn, metric_fn, ev) -> _Setup:
+    """A user's own nn.Module as run_recipe sees it: prepared (torch attention unfused),
+    calibrated by ``calibrate_fn``, its structure traced on the first captured call, sampled by
+    ``sample_fn`` on the evaluation seeds and judged by ``metric_fn``."""
+    from compress.calib.capture import capture_generic
+    from compress.metrics.own import judge, own_samples
+    from compress.models.generic import ADAPTER as GENERIC
+    from compress.models.generic import analyse_module
+    from compress.passes.ptq import DEFAULT_INCLUDE
+    from compress.targets import select
+
+    if calibrate_fn is None or sample_fn is None:
+        raise UserError("a peer on your own module needs calibrate_fn and sample_fn")
+    GENERIC.prepare(module)
+    handle = ModelHandle(transformer=module, adapter=GENERIC, calibrate_fn=calibrate_fn,
+                         sample_fn=sample_fn)
+    calib = capture_generic(module, calibrate_fn)
+    s0 = calib.sample(0)
+    analyse_module(module, s0.args, s0.kwargs)
+    eval_seeds = [ev.seed + i for i in range(ev.num_prompts)]
+    teacher, conditions, kind = own_samples(sample_fn, module, eval_seeds)
+
+    return _Setup(
+        handle, calib, teacher, [str(c) for c in conditions] if conditions else None,
+        eval_seeds, {}, sample=lambda: own_samples(sample_fn, module, eval_seeds)[0],
+        score=lambda t, st: judge(t, st, kind, metric_fn, conditions),
+        layers=select(GENERIC, module, list(DEFAULT_INCLUDE)),
+    )
+
+
+class PeerFailed(UserError):
+    """The peer tool itself cannot quantise or run this model."""
+
+
+@contextlib.contextmanager
+def _peer_limit(name: str, what: str):
+    """Errors raised inside the peer's own code become one clear PeerFailed."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise PeerFailed(f"peer {name} failed while {what} this model: {type(exc).__name__}: "
+                         f"{first} (a limitation of the peer tool on this model)") from exc
+
+
+def run_peer(
+    name: str,
+    model: str | Path | nn.Module,
+    out_dir: str | Path,
+    num_prompts: int,
+    calib_prompts: int = 8,
+    *,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    calibrate_fn: Callable[[nn.Module], None] | None = None,
+    sample_fn: Callable[[nn.Module, list[int]], Any] | None = None,
+    metric_fn: Callable[[Any, Any], float] | None = None,
+) -> Path:
+    """Apply peer scheme ``name`` to ``model``'s transformer, evaluate it like a recipe, and
+    write a schema-1 report (report.json / .md / .html) into ``out_dir``.
+
+    Args:
+        name: one of ``PEERS``.
+        model: "demo", a diffusers pipeline directory, "demo-dit" (the shipped ShapeDiT with
+            its calibration, sampler and checker) or your own nn.Module (then pass
+            ``calibrate_fn`` and ``sample_fn``, optionally ``metric_fn``, as to run_recipe;
+            it is modified in place).
+        out_dir: where the report goes (created; report files are replaced).
+        num_prompts: evaluation prompts or seeds (the runner's: "auto" held-out prompts, or
+            for a module seeds 1000 + i).
+        calib_prompts: calibration prompts of a pipeline (the runner's default is 8); the
+            inputs are captured for every peer because the latency step replays the first.
+        device: torch device.
+        cache_dir: root of the calibration and teacher caches (None: the runner's default).
+        calibrate_fn, sample_fn, metric_fn: for an nn.Module, as ``compress.run_recipe``.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        UserError: unknown peer name, a transformer folder without a pipeline, a module
+            without calibrate_fn / sample_fn.
+    """
+    from compress.metrics.timing import peak_rss_mb
+    from compress.passes.ptq import DEFAULT_INCLUDE
+    from compress.recipe import CalibrationConfig, EvalConfig
+    from compress.report import write_report
+    from compress.runner import buffer_elements, count_params, step_latency_ms, stored_bytes
+
+    if name not in PEER_SPECS:
+        raise UserError(f"unknown peer {name!r} (known: {', '.join(PEER_SPECS)})")
+    peer = PEER_SPECS[name]
+    cc = CalibrationConfig(num_prompts=calib_prompts)
+    ev = EvalConfig(num_prompts=num_prompts)
+    cache = Path(cache_dir) if cache_dir else None
+
+    torch.manual_seed(0)  # the runner's default recipe seed
+    if isinstance(model, (str, Path)) and str(model) == "demo-dit":
+        from compress.demo import shapedit_task as task
+
+        model = task.load_shapedit()
+        calibrate_fn = calibrate_fn or task.calibrate
+        sample_fn = sample_fn or task.sample_fn
+        metric_fn = metric_fn or task.metric_fn
+    if isinstance(model, nn.Module):
+        tr = model
+        orig_params, orig_bytes = count_params(tr), stored_bytes(tr)
+        orig_elems = orig_params + buffer_elements(tr)  # the runner's bits/weight denominator
+        st = _module_setup(model, calibrate_fn, sample_fn, metric_fn, ev)
+    else:
+        st = _pipeline_setup(model, cc, ev, device, cache)
+        tr = st.handle.transformer
+        orig_params, orig_bytes = count_params(tr), stored_bytes(tr)
+        orig_elems = orig_params + buffer_elements(tr)
+    handle = st.handle
+    base_latency = step_latency_ms(handle, st.calib, ev.latency_repeats)
+
+    layers = st.layers
     if not layers and not peer.whole_model:
         raise UserError(f"{model}: no Linear layer has a role in {DEFAULT_INCLUDE}")
     covered = (
@@ -413,17 +263,18 @@ def run_peer(
     )
     log.info("peer %s on %d layers", name, len(layers))
     t0 = time.perf_counter()
-    with torch.no_grad():
-        details = peer.apply(handle, layers, calib)
+    with torch.no_grad(), _peer_limit(name, "quantising"):
+        details = peer.apply(handle, layers, st.calib)
     secs = time.perf_counter() - t0
     tr = handle.transformer
     tr.eval()
     # before any forward: bitsandbytes repacks 4-bit weights for its CPU kernel on first use
     new_bytes = peer_stored_bytes(tr)
 
-    student = sample_images(handle, eval_prompts, eval_seeds, **gen_args)
-    quality = quality_of(teacher, student, eval_prompts, demo=_is_demo(handle))
-    latency = step_latency_ms(handle, calib, ev.latency_repeats)
+    with _peer_limit(name, "sampling"):
+        student = st.sample()
+    quality = st.score(st.teacher, student)
+    latency = step_latency_ms(handle, st.calib, ev.latency_repeats)
 
     recipe = {
         "name": f"peer:{name}",
@@ -461,10 +312,12 @@ def run_peer(
                   "peak_rss_mb": peak_rss_mb(), "device": str(device)},
         "quality": quality,
         "gates": {},
-        "eval": {"prompts": eval_prompts, "seeds": eval_seeds, **gen_args},
+        "eval": {"prompts": st.eval_prompts, "seeds": st.eval_seeds, **st.gen_args},
     }
     out = Path(out_dir)
-    write_report(out, report, teacher, student, eval_prompts)
+    latent = quality.get("samples") == "latents"
+    write_report(out, report, None if latent else st.teacher, None if latent else student,
+                 st.eval_prompts)
     return out
 
 

@@ -32,6 +32,9 @@ def main() -> int:
     ap.add_argument("--peers", default="", help="comma list of peer schemes (see eval/peers.py)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--plot", default=None, help="quality vs bits plot (PNG)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep rows whose output folder already holds a report.json (resume an "
+                         "interrupted table; rerun without it after changing code)")
     a = ap.parse_args()
 
     import compress
@@ -39,25 +42,40 @@ def main() -> int:
     from compress.report.compare import compare
 
     a.work.mkdir(parents=True, exist_ok=True)
-    outs = []
+    outs, failed = [], []
     common = [f"eval.num_prompts={a.num_prompts}", f"calibration.num_prompts={a.calib_prompts}",
               "gates={}"]
     for r in a.recipes:
         out = a.work / Path(r).stem
         print(f"== {r}", flush=True)
+        if a.reuse and (out / "report.json").is_file():
+            print("   reusing", out, flush=True)
+            outs.append(out)
+            continue
         try:
             compress.run_recipe(r, model=a.model, out=out, overrides=common, force=True)
         except GateFailed:
             pass
         outs.append(out)
     if a.peers:
-        from peers import run_peer
+        from peers import PeerFailed, run_peer
 
         for name in [p.strip() for p in a.peers.split(",") if p.strip()]:
             print(f"== peer {name}", flush=True)
-            outs.append(run_peer(name, a.model, a.work / f"peer-{name}", a.num_prompts,
-                                 a.calib_prompts))
+            done = a.work / f"peer-{name}"
+            if a.reuse and (done / "report.json").is_file():
+                print("   reusing", done, flush=True)
+                outs.append(done)
+                continue
+            try:
+                outs.append(run_peer(name, a.model, a.work / f"peer-{name}", a.num_prompts,
+                                     a.calib_prompts))
+            except PeerFailed as exc:  # the table goes on without that row, and says why
+                print(f"   {exc}", flush=True)
+                failed.append(str(exc))
     print(compare(outs, out_md=a.out, plot=a.plot))
+    for f in failed:
+        print("not in the table:", f)
     return 0
 
 
