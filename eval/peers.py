@@ -180,7 +180,7 @@ def _peer_limit(name: str, what: str):
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise PeerFailed(f"peer {name} failed while {what} this model: {type(exc).__name__}: "
-                         f"{first} (a limitation of the peer tool on this model)") from exc
+                         f"{first} (the peer tool, or this model under it, cannot do this)") from exc
 
 
 def run_peer(

@@ -148,7 +148,8 @@ class ShapeDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.tokenize(x).flatten(2).transpose(1, 2) + self.where
-        c = self.clock(timestep_features(t, 64)) + self.attrs(self.codes[y]).mean(dim=1)
+        # features in fp32, then the model's dtype: the model also runs cast to bf16/fp16
+        c = self.clock(timestep_features(t, 64).to(h.dtype)) + self.attrs(self.codes[y]).mean(dim=1)
         h = self.tail(self.core(h, c), c)
         b, p, g = x.shape[0], self.patch, self.grid
         h = h.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)

@@ -4,9 +4,12 @@ sample), then a bit allocation under the recipe's average-bits budget."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from compress.errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from compress.passes.ptq import Config, WeightSpec
@@ -91,8 +94,21 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     def cost(n: str, b: int) -> float:
         return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
 
+    # scales cost 16/in bits a weight per output row: on narrow layers (a small model, a
+    # 4-channel embedder) even all-cheapest can exceed the budget; then the cheapest allocation
+    # is taken and the report says by how much the budget was missed
+    total = sum(params.values())
+    cheapest = sum(params[n] * (cost(n, max(choices[n].candidates)) if n in keep
+                                else min(cost(n, b) for b in choices[n].candidates))
+                   for n in mods) / total
+    budget = mp.avg_bits
+    if cheapest > budget:
+        log.warning("ptq.mixed_precision: avg_bits %.3f is below this model's cheapest "
+                    "allocation (%.3f: scales on narrow layers); using the cheapest", budget,
+                    cheapest)
+        budget = cheapest * (1 + 1e-9)
     try:
-        alloc = mixed.allocate(sens, params, avg_bits=mp.avg_bits, cost=cost, keep_high=keep)
+        alloc = mixed.allocate(sens, params, avg_bits=budget, cost=cost, keep_high=keep)
     except ValueError as exc:
         raise UserError(f"ptq.mixed_precision: {exc}; raise avg_bits or narrow include/keep_high"
                         ) from None
@@ -106,6 +122,8 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     ]
     kept = [n for n in mods if alloc.bits[n] >= mixed.FLOAT_BITS]
     return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
+                        "budget_met": alloc.avg_bits <= mp.avg_bits + 1e-9,
+                        "cheapest_avg_bits": round(cheapest, 3),
                         "metrics": mp.metrics if img_t else ["output"],
                         **({"image_metric": "not measured: no pipeline and no sample_fn to "
                             "sample the module"} if "image" in mp.metrics and not img_t else {}),
