@@ -4,45 +4,72 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from compress.config import MAX_COUNT, MAX_SEED, MAX_STEPS, StrictModel, unique
 from compress.errors import UserError
 from compress.models.spec import ModelSpec
 from compress.registry import all_passes
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Strict = StrictModel  # every recipe section: unknown keys refused, numbers finite, no coercion
+_SIDE = {"ge": 16, "le": 4096, "multiple_of": 8}  # image side in pixels (latents are 8x down)
 
 
 class CalibrationConfig(Strict):
     """How calibration inputs are captured from the real pipeline."""
 
-    prompts: str = Field("auto", description="prompt file, or 'auto' (demo captions / general prompts)")
-    num_prompts: int = Field(8, ge=1, description="how many prompts from the file")
-    steps: int | None = Field(None, ge=1, description="denoising steps (None: family default)")
-    capture_steps: list[int] | None = Field(None, description="step indices to keep (None: all)")
-    guidance: float | None = Field(None, description="guidance scale (None: family default)")
-    resolution: int | None = Field(None, ge=8, description="image side in px (None: default)")
-    seed: int = Field(0, description="seed of the first prompt; prompt i uses seed + i")
+    prompts: str = Field("auto", min_length=1,
+                         description="prompt file, or 'auto' (demo captions / general prompts)")
+    num_prompts: int = Field(8, ge=1, le=MAX_COUNT, description="how many prompts from the file")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS,
+                              description="denoising steps (None: family default)")
+    capture_steps: list[int] | None = Field(
+        None, min_length=1, description="step indices to keep, each in [0, steps) (None: all)")
+    guidance: float | None = Field(None, ge=0, le=100,
+                                   description="guidance scale (None: family default)")
+    resolution: int | None = Field(None, **_SIDE, description="image side in px (None: default)")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="seed of the first prompt; prompt i uses seed + i")
+
+    @model_validator(mode="after")
+    def _steps(self) -> CalibrationConfig:
+        cs = self.capture_steps
+        if cs is not None:
+            unique(cs, "capture_steps")
+            top = self.steps if self.steps is not None else MAX_STEPS
+            bad = [i for i in cs if not 0 <= i < top]
+            if bad:
+                raise ValueError(f"capture_steps {bad}: step indices run from 0 to steps - 1 "
+                                 f"({top - 1})")
+        if self.seed + self.num_prompts - 1 > MAX_SEED:
+            raise ValueError(f"seed + num_prompts exceeds {MAX_SEED}")
+        return self
 
 
 class EvalConfig(Strict):
     """How the compressed pipeline is compared with the original."""
 
     enabled: bool = True
-    prompts: str = Field("auto", description="prompt file, or 'auto' (held-out demo captions)")
-    num_prompts: int = Field(16, ge=1)
-    steps: int | None = Field(None, ge=1)
-    guidance: float | None = None
-    resolution: int | None = Field(None, ge=8)
-    seed: int = Field(1000, description="seed of the first eval prompt")
+    prompts: str = Field("auto", min_length=1,
+                         description="prompt file, or 'auto' (held-out demo captions)")
+    num_prompts: int = Field(16, ge=1, le=MAX_COUNT)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=0, le=100)
+    resolution: int | None = Field(None, **_SIDE)
+    seed: int = Field(1000, ge=0, le=MAX_SEED, description="seed of the first eval prompt")
     latency: bool = Field(True, description="time one denoising step, original and compressed")
-    latency_repeats: int = Field(5, ge=1)
+    latency_repeats: int = Field(5, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _seeds(self) -> EvalConfig:
+        if self.seed + self.num_prompts - 1 > MAX_SEED:
+            raise ValueError(f"seed + num_prompts exceeds {MAX_SEED}")
+        return self
 
 
 _OPS = (">=", "<=", ">", "<", "==")
@@ -90,13 +117,13 @@ def gate_passes(op: str, value: float | None, threshold: float) -> bool:
 class Recipe(Strict):
     """A named, ordered list of passes plus calibration, evaluation and quality gates."""
 
-    name: str
+    name: str = Field(min_length=1, pattern=r"\S")
     description: str = ""
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     passes: list[dict[str, Any]] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gates: dict[str, str | float] = Field(default_factory=dict)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     model: ModelSpec | None = Field(None, description="blocks/roles of a user's own module")
 
     @field_validator("gates")
@@ -106,10 +133,12 @@ class Recipe(Strict):
             if k not in KNOWN_FIGURES:
                 raise ValueError(f"gate {k!r}: no such figure (known: {', '.join(KNOWN_FIGURES)})")
             try:
-                parse_gate(expr)
-            except ValueError as exc:
+                _, thr = parse_gate(expr)
+            except (ValueError, TypeError) as exc:
                 raise ValueError(f"gate {k!r}: {expr!r} is not like '>= 30' or "
                                  f"'<= 0.01 {OPTIONAL}'") from exc
+            if not math.isfinite(thr):
+                raise ValueError(f"gate {k!r}: the threshold must be a finite number")
         return v
 
     def pass_specs(self) -> list[tuple[str, BaseModel]]:
@@ -151,17 +180,20 @@ def validate(raw: Any, where: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a recipe must be a YAML mapping with name, passes, ...")
     raw = dict(raw)
-    passes_raw = raw.get("passes") or []
-    if not isinstance(passes_raw, list):
-        raise UserError(f"{where}: 'passes' must be a list of {{pass_name: config}} entries")
+    passes_raw = raw.get("passes")
+    if not isinstance(passes_raw, list) or not passes_raw:
+        raise UserError(f"{where}: 'passes' must be a non-empty list of {{pass_name: config}} "
+                        "entries, e.g. [{ptq: {weights: {bits: 8}}}]")
     registry = all_passes()
     parsed: list[dict[str, Any]] = []
     for i, entry in enumerate(passes_raw):
-        if isinstance(entry, str):
-            entry = {entry: {}}
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise UserError(f"{where}: 'passes.{i}' must be one {{pass_name: config}} mapping")
+            raise UserError(f"{where}: 'passes.{i}' must be one {{pass_name: config}} mapping, "
+                            "e.g. {ptq: {}}")
         (name, cfg_raw), = entry.items()
+        if cfg_raw is not None and not isinstance(cfg_raw, dict):
+            raise UserError(f"{where}: 'passes.{i}.{name}' must be a mapping of settings "
+                            "(or empty for the defaults)")
         if name not in registry:
             raise UserError(
                 f"{where}: 'passes.{i}': unknown pass '{name}' (known: {', '.join(sorted(registry))})"
@@ -200,13 +232,79 @@ def _check_order(recipe: Recipe, where: str) -> None:
             )
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is not a recipe
+MAX_DEPTH = 32  # nesting levels of mappings and lists
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the last one would silently win)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            line = key_node.start_mark.line + 1
+            raise UserError(f"duplicate key {key!r} (line {line}): give each key once")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _depth(node: yaml.Node) -> int:
+    """Nesting depth of a composed YAML node (iterative: no recursion on hostile input)."""
+    best, stack = 0, [(node, 1)]
+    while stack:
+        n, d = stack.pop()
+        best = max(best, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(n, yaml.MappingNode):
+            stack.extend((v, d + 1) for pair in n.value for v in pair)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, d + 1) for v in n.value)
+    return best
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> data, strictly: one document, no duplicate keys, at most MAX_DEPTH levels;
+    every problem is one UserError naming ``where`` (a file, or a --set key)."""
+    try:
+        loader = _StrictLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _depth(node) > MAX_DEPTH:
+                raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except UserError as exc:
+        msg = str(exc)
+        raise UserError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}{line}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to read") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
     """Apply ``a.b.0.c=value`` overrides (values parsed as YAML) to raw recipe data."""
     for ov in overrides:
         if "=" not in ov:
             raise UserError(f"--set {ov!r}: expected KEY=VALUE, e.g. passes.0.ptq.weights.bits=6")
-        key, val = ov.split("=", 1)
+        key, text = ov.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set {ov!r}: KEY is a dotted path such as passes.0.ptq.weights.bits")
+        val = parse_yaml(text, f"--set {key.strip()}") if text.strip() else None
         node: Any = raw
         for j, part in enumerate(parts):
             last = j == len(parts) - 1
@@ -214,12 +312,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> di
                 if not part.isdigit() or int(part) >= len(node):
                     raise UserError(f"--set {key}: '{'.'.join(parts[: j + 1])}' is not a list index in {where}")
                 if last:
-                    node[int(part)] = yaml.safe_load(val)
+                    node[int(part)] = val
                 else:
                     node = node[int(part)]
             elif isinstance(node, dict):
                 if last:
-                    node[part] = yaml.safe_load(val)
+                    node[part] = val
                 else:
                     if node.get(part) is None:
                         node[part] = {}
@@ -234,12 +332,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe {p}: no such file (see recipes/ for ready ones)")
+    with open(p, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe {p}: larger than {MAX_RECIPE_BYTES >> 10} KiB: not a recipe")
+    if b"\0" in data:
+        raise UserError(f"recipe {p}: a binary file, not a YAML recipe")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"recipe {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {p}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+                        ) from None
+    raw = parse_yaml(text, f"recipe {p}")
     if raw is None:
         raise UserError(f"recipe {p}: the file is empty")
     if isinstance(raw, dict) and overrides:

@@ -291,6 +291,12 @@ def run_recipe(
     # in both, else a model with large buffers stores "more bits than fp32"
     orig_elems = orig_params + buffer_elements(tr)
     defaults = family_defaults(handle) if handle.pipeline is not None else {}
+    if defaults and recipe.calibration.capture_steps:
+        steps = recipe.calibration.steps or defaults["steps"]
+        late = [i for i in recipe.calibration.capture_steps if i >= steps]
+        if late:
+            raise UserError(f"calibration.capture_steps {late}: this run has {steps} steps "
+                            f"(indices 0..{steps - 1}); lower them or set calibration.steps")
     cache = Path(cache_dir) if cache_dir else None
 
     # calibration: the transformer's real inputs, captured once and cached

@@ -195,7 +195,7 @@ def test_unmeasurable_gate_is_refused_before_any_work(tmp_path):
                             out=tmp_path / "o")
     assert not calls and not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="no such figure"):
-        compress.recipe.validate({"name": "g", "gates": {"psnr": ">= 3"}})
+        compress.recipe.validate({"name": "g", "passes": [{"ptq": {}}], "gates": {"psnr": ">= 3"}})
 
 
 def test_load_errors_name_what_to_do(tmp_path):

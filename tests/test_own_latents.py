@@ -170,6 +170,10 @@ def test_unreachable_budget_takes_the_cheapest_and_says_so():
     assert mp["budget_met"] is False and mp["cheapest_avg_bits"] > mp["budget_avg_bits"] == 4.5
     assert mp["avg_bits"] == pytest.approx(mp["cheapest_avg_bits"], abs=2e-3)
     assert {r["bits"] for r in mp["table"]} == {4}
+    with pytest.raises(compress.errors.UserError, match="cheapest allocation.*if_unreachable"):
+        compress.run_recipe(ROOT / "recipes" / "w4a8-mp.yaml", model=_net(d=16),
+                            calibrate_fn=_calibrate, overrides=[
+                                "passes.0.ptq.mixed_precision.if_unreachable=refuse"])
 
 
 def _quantised(m: nn.Module) -> bool:

@@ -28,7 +28,7 @@ def _write(tmp_path, data) -> Path:
 
 
 def test_unknown_top_key(tmp_path):
-    p = _write(tmp_path, {"name": "x", "passes": [], "colour": 1})
+    p = _write(tmp_path, {"name": "x", "passes": [{"ptq": {}}], "colour": 1})
     with pytest.raises(UserError, match=r"bad\.yaml.*unknown key 'colour'"):
         load_recipe(p)
 
@@ -72,7 +72,7 @@ def test_gates_parse():
     assert parse_gate("<=0.01") == ("<=", 0.01)
     assert parse_gate(12) == (">=", 12.0)
     with pytest.raises(UserError, match="gates"):
-        validate({"name": "x", "gates": {"psnr_vs_teacher": "about 30"}}, "g.yaml")
+        validate({"name": "x", "passes": [{"ptq": {}}], "gates": {"psnr_vs_teacher": "about 30"}}, "g.yaml")
 
 
 def test_yaml_errors(tmp_path):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from compress.config import StrictModel
 from compress.models.base import ROLES
 
 _ROLES = (*ROLES, "other")
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(StrictModel):
     """Blocks and roles of a user's own module, overriding what dit-compress finds.
 
     ``blocks``: containers whose children are the blocks (``"trunk.cells"``), single block
@@ -19,8 +20,6 @@ class ModelSpec(BaseModel):
     (exact qualified name or ``"re:"`` regex) -> role. Both may be given in a recipe under
     ``model:`` or in Python as ``compress.ModelSpec(...)`` passed to ``run_recipe(spec=...)``.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     blocks: list[str] | None = Field(None, description="block containers, blocks or re: regexes")
     roles: dict[str, str] = Field(default_factory=dict, description="layer selector -> role")

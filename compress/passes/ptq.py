@@ -13,13 +13,14 @@ image PSNR) and a bit allocation under an average-bits budget.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.config import MAX_COUNT, MAX_STEPS, StrictModel, check_selectors, unique
 from compress.errors import UserError
 from compress.modules.swap import set_submodule
 from compress.quant import qtensor
@@ -28,7 +29,14 @@ from compress.registry import PassDef, PassResult, register_pass
 from compress.targets import resolve, select
 
 DEFAULT_INCLUDE = ["attn_qkv", "attn_out", "cross_attn", "ff_in", "ff_out"]
-Bits = Literal[2, 3, 4, 6, 8]
+def _whole(v):
+    # Literal alone takes 8.0 and True; pydantic turns ValueError (not TypeError) into its error
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"bits must be a whole number such as 4 or 8, not {v!r}")  # noqa: TRY004
+    return v
+
+
+Bits = Annotated[Literal[2, 3, 4, 6, 8], BeforeValidator(_whole)]
 Format = Literal["int", "fp8_e4m3"]
 # Roles that stay weight-only (float activations) even when activations are quantised, and that
 # mixed precision may keep in 16 bits: embedders, adaLN modulation, the final projection.
@@ -36,8 +44,7 @@ AUX_ROLES = ("embed", "adaln", "proj_out")
 LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Strict = StrictModel  # unknown keys refused, numbers finite, no coercion across types
 
 
 def _check_fp8(fmt: str | None, bits: int | None, granularity: str | None,
@@ -63,7 +70,8 @@ class WeightSpec(Strict):
     granularity: Literal["channel", "group"] = Field(
         "channel", description="one scale per output channel, or per group of inputs"
     )
-    group_size: int = Field(64, ge=8, description="inputs per scale when granularity=group")
+    group_size: int = Field(64, ge=8, le=8192, multiple_of=8,
+                            description="inputs per scale when granularity=group")
     symmetric: bool = Field(True, description="symmetric codes (no zero point)")
 
     def group(self) -> int | None:
@@ -82,7 +90,7 @@ class LayerOverride(Strict):
     format: Format | None = None
     bits: Bits | None = None
     granularity: Literal["channel", "group"] | None = None
-    group_size: int | None = Field(None, ge=8)
+    group_size: int | None = Field(None, ge=8, le=8192, multiple_of=8)
     symmetric: bool | None = None
 
     @model_validator(mode="after")
@@ -94,38 +102,61 @@ class LayerOverride(Strict):
 class ActSpec(Strict):
     """Activation quantisation."""
 
-    bits: Literal[4, 8] = 8
+    bits: Annotated[Literal[4, 8], BeforeValidator(_whole)] = 8
     mode: Literal["dynamic", "static"] = Field(
         "dynamic", description="dynamic: per-token scales at run time; static: calibrated"
     )
-    timestep_groups: int = Field(1, ge=1, description="static only: scale sets per step group")
+    timestep_groups: int = Field(1, ge=1, le=MAX_STEPS,
+                                 description="static only: scale sets per step group")
 
 
 class SmoothSpec(Strict):
     """SmoothQuant-style channel balancing, folded into the weights."""
 
-    alpha: float | Literal["auto"] = Field("auto", description="migration strength or auto")
+    alpha: float | Literal["auto"] = Field("auto", description="migration strength in [0, 1], or auto")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"alpha {v}: a migration strength in [0, 1], or auto")
+        return v
 
 
 class GPTQSpec(Strict):
-    damp: float = Field(0.01, gt=0, description="Hessian dampening, fraction of mean diagonal")
-    block: int = Field(128, ge=8, description="columns processed at once")
+    damp: float = Field(0.01, gt=0, le=1, description="Hessian dampening, fraction of mean diagonal")
+    block: int = Field(128, ge=8, le=8192, description="columns processed at once")
     act_order: bool = False
 
 
 class LowRankSpec(Strict):
-    rank: int = Field(32, ge=1, description="rank of the 16-bit branch")
+    rank: int = Field(32, ge=1, le=4096, description="rank of the 16-bit branch")
 
 
 class MixedSpec(Strict):
     """Mixed precision: choose bits per layer under a budget."""
 
-    candidates: list[Bits] = Field(default_factory=lambda: [4, 8])
-    avg_bits: float = Field(4.5, gt=1, description="budget: stored bits a weight, over the layers")
-    metrics: list[Literal["output", "image"]] = Field(default_factory=lambda: ["output", "image"])
+    candidates: list[Bits] = Field(default_factory=lambda: [4, 8], min_length=1)
+    avg_bits: float = Field(4.5, gt=1, le=16,
+                            description="budget: stored bits a weight, over the layers")
+    metrics: list[Literal["output", "image"]] = Field(default_factory=lambda: ["output", "image"],
+                                                      min_length=1)
     keep_high: list[str] = Field(default_factory=list, description="selectors forced to max bits")
-    image_prompts: int = Field(2, ge=1)
-    image_steps: int = Field(8, ge=1)
+    image_prompts: int = Field(2, ge=1, le=1000)
+    image_steps: int = Field(8, ge=1, le=MAX_STEPS)
+    if_unreachable: Literal["refuse", "cheapest"] = Field(
+        "refuse", description="a budget below the model's cheapest allocation (per-row scales "
+        "on narrow layers): refuse, or take the cheapest and report budget_met: false")
+
+    @model_validator(mode="after")
+    def _budget(self) -> MixedSpec:
+        unique(self.candidates, "candidates")
+        unique(self.metrics, "metrics")
+        check_selectors(self.keep_high, "keep_high")
+        if self.avg_bits < min(self.candidates):
+            raise ValueError(f"avg_bits {self.avg_bits} is below the smallest candidate "
+                             f"({min(self.candidates)} bits): no allocation can meet it")
+        return self
 
 
 class Config(Strict):
@@ -137,9 +168,10 @@ class Config(Strict):
     gptq: GPTQSpec | None = None
     lowrank: LowRankSpec | None = None
     mixed_precision: MixedSpec | None = None
-    calib_samples: int = Field(16, ge=1, description="calibration samples used per block")
+    calib_samples: int = Field(16, ge=1, le=MAX_COUNT,
+                               description="calibration samples used per block")
     include: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_INCLUDE),
+        default_factory=lambda: list(DEFAULT_INCLUDE), min_length=1,
         description="selectors of layers to quantise: roles, exact names or 're:' regexes",
     )
     exclude: list[str] = Field(default_factory=list, description="selectors of layers to keep")
@@ -149,6 +181,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        check_selectors(self.include, "include")
+        check_selectors(self.exclude, "exclude")
+        check_selectors(list(self.overrides), "overrides")
         a = self.activations
         if a is not None and a.bits == 8 and self.weights.granularity == "group":
             raise ValueError("int8 activations run on the int8 GEMM: use granularity: channel")

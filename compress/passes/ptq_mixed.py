@@ -102,6 +102,10 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
                                 else min(cost(n, b) for b in choices[n].candidates))
                    for n in mods) / total
     budget = mp.avg_bits
+    if cheapest > budget and mp.if_unreachable == "refuse":
+        raise UserError(f"ptq.mixed_precision: avg_bits {budget} is below this model's cheapest "
+                        f"allocation ({cheapest:.3f} bits a weight: per-row scales on narrow "
+                        "layers); raise avg_bits, narrow include, or set if_unreachable: cheapest")
     if cheapest > budget:
         log.warning("ptq.mixed_precision: avg_bits %.3f is below this model's cheapest "
                     "allocation (%.3f: scales on narrow layers); using the cheapest", budget,
