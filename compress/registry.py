@@ -31,6 +31,8 @@ class PassDef:
         only: distillation) or "format" (changes storage: PTQ, VQ). The recipe validator refuses
         a structural pass after a format pass.
     needs_calibration: whether apply reads the CalibrationSet (otherwise it may be None).
+    check(handle, cfg) -> None: optional; raises UserError on what the config asks of this
+        model that it cannot give (a selector naming no layer); run before any calibration.
     """
 
     name: str
@@ -39,6 +41,7 @@ class PassDef:
     restore: Callable[..., None]
     kind: str
     needs_calibration: bool = True
+    check: Callable[..., None] | None = None
 
 
 PASSES: dict[str, PassDef] = {}

@@ -280,6 +280,9 @@ def run_recipe(
         handle = load_model(model, device=device)
     check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None,
                 sample_fn=sample_fn, metric_fn=metric_fn)
+    for name, cfg in recipe.pass_specs():  # each pass's model-dependent rules, before any work
+        if get_pass(name).check is not None:
+            get_pass(name).check(handle, cfg)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
     torch.manual_seed(recipe.seed)

@@ -142,3 +142,26 @@ def test_depth_limit_is_exact():
     assert parse_yaml(ok, "x") is not None
     with pytest.raises(UserError, match="nested"):
         parse_yaml("a: " + "[" * MAX_DEPTH + "]" * MAX_DEPTH, "x")
+
+
+@pytest.mark.parametrize("key,sel,match", [
+    ("include", "attn_qvk", "did you mean 'attn_qkv'"),
+    ("exclude", "re:nothing\\..*", "matches no Linear"),
+    ("include", "blocks.0.fcc", "did you mean 'blocks.0.fc'"),
+])
+def test_selectors_naming_nothing_are_refused_before_calibration(tmp_path, key, sel, match):
+    import torch
+    from torch import nn
+
+    import compress
+
+    net = nn.Sequential()
+    net.add_module("blocks", nn.ModuleList([nn.Sequential() for _ in range(2)]))
+    for b in net.blocks:
+        b.add_module("fc", nn.Linear(8, 8))
+    calls = []
+    recipe = {"name": "s", "passes": [{"ptq": {key: [sel]}}]}
+    with pytest.raises(UserError, match=match):
+        compress.run_recipe(recipe, model=net, calibrate_fn=lambda m: calls.append(m(
+            torch.zeros(1, 8))), out=tmp_path / "o")
+    assert not calls and not (tmp_path / "o").exists()
