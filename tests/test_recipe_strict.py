@@ -165,3 +165,23 @@ def test_selectors_naming_nothing_are_refused_before_calibration(tmp_path, key, 
         compress.run_recipe(recipe, model=net, calibrate_fn=lambda m: calls.append(m(
             torch.zeros(1, 8))), out=tmp_path / "o")
     assert not calls and not (tmp_path / "o").exists()
+
+
+def test_unreachable_budget_on_a_pipeline_is_refused_before_calibration(tiny_pipeline_dir,
+                                                                         tmp_path, monkeypatch):
+    import importlib
+
+    import compress
+
+    capture = importlib.import_module("compress.calib.capture")
+
+    def no_capture(*a, **k):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(capture, "capture", no_capture)
+    ov = ["passes.0.ptq.mixed_precision.avg_bits=4.0",
+          "passes.0.ptq.mixed_precision.if_unreachable=refuse"]
+    with pytest.raises(UserError, match=r"cheapest allocation \(4\.\d+ bits"):
+        compress.run_recipe(ROOT / "recipes" / "w4a8-mp.yaml", model=tiny_pipeline_dir("pixart"),
+                            out=tmp_path / "o", overrides=ov)
+    assert not (tmp_path / "o").exists()

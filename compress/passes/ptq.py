@@ -594,10 +594,22 @@ def check(handle, cfg: Config) -> None:
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise UserError(f"ptq.{what}: {sel!r} is neither a role ({', '.join(ALL_ROLES)}) "
                                 f"nor a layer of this model{hint}")
-    if handle.pipeline is not None and not select(handle.adapter, handle.transformer,
-                                                  cfg.include, cfg.exclude, types=LAYER_TYPES):
+    if handle.pipeline is None:
+        return  # a module's roles come from the trace of the first calibration call
+    chosen = select(handle.adapter, handle.transformer, cfg.include, cfg.exclude, types=LAYER_TYPES)
+    if not chosen:
         raise UserError(f"ptq: no Linear/Conv2d layer matches include={cfg.include} "
                         f"exclude={cfg.exclude}")
+    if mp is not None:  # the budget depends on layer shapes and candidates only
+        from compress.passes.ptq_mixed import candidates_of, cheapest_avg_bits, refuse_unreachable
+        from compress.targets import matches
+
+        specs = {n: layer_spec(cfg, n, r) for n, _, r in chosen}
+        mods = {n: m for n, m, _ in chosen if specs[n] is not None and specs[n].format == "int"}
+        roles = {n: r for n, _, r in chosen}
+        keep = [n for n in mods if any(matches(s, n, roles[n]) for s in mp.keep_high)]
+        cands = candidates_of(mp, mods, _auxiliary(handle, chosen))
+        refuse_unreachable(mp, cheapest_avg_bits(mods, specs, cands, keep))
 
 
 register_pass(PassDef(name="ptq", config=Config, apply=apply, restore=restore, kind="format",

@@ -46,6 +46,37 @@ def _image_sampler(handle, calib, mp):
     return None
 
 
+def candidates_of(mp, names, aux: set[str]) -> dict[str, tuple[int, ...]]:
+    """Each layer's bit options: the recipe's candidates, plus 16 (kept) for auxiliary ones."""
+    return {n: tuple(sorted(set(mp.candidates) | ({16} if n in aux else set()))) for n in names}
+
+
+def cheapest_avg_bits(mods: dict, specs: dict, cands: dict[str, tuple[int, ...]],
+                      keep: list[str]) -> float:
+    """Stored bits a weight of the cheapest allocation: per-row (or per-group) fp16 scales
+    cost 16/in bits a weight, so on narrow layers (a small model, a 4-channel embedder) even
+    all-lowest can exceed a budget; keep_high layers count at their highest option."""
+    from compress.quant import mixed
+
+    total = cost = 0.0
+    for n, m in mods.items():
+        w = m.weight
+        fan_in, numel = w[0].numel(), w.numel()
+        bits = [max(cands[n])] if n in keep else cands[n]
+        cost += numel * min(mixed.bits_per_weight(b, fan_in, specs[n].group(), specs[n].symmetric)
+                            for b in bits)
+        total += numel
+    return cost / max(total, 1)
+
+
+def refuse_unreachable(mp, cheapest: float) -> None:
+    if cheapest > mp.avg_bits and mp.if_unreachable == "refuse":
+        raise UserError(f"ptq.mixed_precision: avg_bits {mp.avg_bits} is below this model's "
+                        f"cheapest allocation ({cheapest:.3f} bits a weight: per-row scales on "
+                        "narrow layers); raise avg_bits, narrow include, or set "
+                        "if_unreachable: cheapest")
+
+
 def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], roles,
                   aux: set[str], act: set[str]):
     """Sensitivities by output error (and image PSNR when there is a pipeline), then allocate.
@@ -64,6 +95,10 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     mods = {n: tr.get_submodule(n) for n, s in specs.items() if s.format == "int"}
     if not mods:
         return {}, None
+    keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
+    cands = candidates_of(mp, mods, aux)
+    cheapest = cheapest_avg_bits(mods, specs, cands, keep)
+    refuse_unreachable(mp, cheapest)  # before the sensitivity analysis, which takes minutes
     rs = RowSampler(mods, max_rows=256)
     try:
         run_stage(handle, calib, None, cfg.calib_samples)
@@ -72,9 +107,8 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     weights = {n: m.weight.detach().float().flatten(1) for n, m in mods.items()}
     inputs = {n: rs.get(n) for n in mods}
     a_bits = cfg.activations.bits if cfg.activations is not None else None
-    base = set(mp.candidates)
     choices = {
-        n: Choice(tuple(sorted(base | ({mixed.FLOAT_BITS} if n in aux else set()))),
+        n: Choice(cands[n],
                   specs[n].group(), specs[n].symmetric, a_bits if n in act else None,
                   getattr(m, "groups", 1))
         for n, m in mods.items()
@@ -89,23 +123,11 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
         tables.append(mixed.normalise(img_t))
     sens = mixed.combine(tables)
     params = {n: w.numel() for n, w in weights.items()}
-    keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
 
     def cost(n: str, b: int) -> float:
         return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
 
-    # scales cost 16/in bits a weight per output row: on narrow layers (a small model, a
-    # 4-channel embedder) even all-cheapest can exceed the budget; then the cheapest allocation
-    # is taken and the report says by how much the budget was missed
-    total = sum(params.values())
-    cheapest = sum(params[n] * (cost(n, max(choices[n].candidates)) if n in keep
-                                else min(cost(n, b) for b in choices[n].candidates))
-                   for n in mods) / total
     budget = mp.avg_bits
-    if cheapest > budget and mp.if_unreachable == "refuse":
-        raise UserError(f"ptq.mixed_precision: avg_bits {budget} is below this model's cheapest "
-                        f"allocation ({cheapest:.3f} bits a weight: per-row scales on narrow "
-                        "layers); raise avg_bits, narrow include, or set if_unreachable: cheapest")
     if cheapest > budget:
         log.warning("ptq.mixed_precision: avg_bits %.3f is below this model's cheapest "
                     "allocation (%.3f: scales on narrow layers); using the cheapest", budget,
