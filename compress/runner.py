@@ -285,6 +285,11 @@ def run_recipe(
             get_pass(name).check(handle, cfg)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
+        if handle.pipeline is not None and not _is_demo(handle) and handle.source is not None:
+            from compress.io.files import walk
+
+            for _ in walk(Path(handle.source)):  # loops and broken links refused before work
+                pass
     torch.manual_seed(recipe.seed)
     tr = handle.transformer
     t_run = time.perf_counter()

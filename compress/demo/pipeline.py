@@ -17,6 +17,7 @@ import torch
 
 from compress.demo.text import text_encoder_dir
 from compress.errors import UserError
+from compress.io.files import copy_file
 
 # Sampling settings the demo's reported accuracy was measured with (eval/demo_accuracy.py).
 # max_sequence_length 32 holds two-object captions; the transformer was trained on 16-token
@@ -102,14 +103,6 @@ def load_demo_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.d
     return pipe.to(device)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # no second copy of the weights on disk when on the same filesystem
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def materialize_demo(dest: Path) -> Path:
     """Write the demo as a complete diffusers folder, loadable offline with
     ``DiffusionPipeline.from_pretrained(dest)``.
@@ -135,11 +128,11 @@ def materialize_demo(dest: Path) -> Path:
             src = root / part
             files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
             for f in files:
-                _link_or_copy(f, tmp / f.relative_to(root))
+                copy_file(f, tmp / f.relative_to(root))
         for name in _TEXT_ENCODER_FILES:
-            _link_or_copy(te / name, tmp / "text_encoder" / name)
+            copy_file(te / name, tmp / "text_encoder" / name)
         for name in _TOKENIZER_FILES:
-            _link_or_copy(te / name, tmp / "tokenizer" / name)
+            copy_file(te / name, tmp / "tokenizer" / name)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         os.replace(tmp, dest)

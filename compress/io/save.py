@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from compress.errors import UserError
+from compress.io.files import copy_tree
 from compress.io.manifest import MANIFEST
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -36,18 +37,6 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
         raise UserError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        dst.mkdir(parents=True, exist_ok=True)
-        for child in src.iterdir():
-            _link_or_copy(child, dst / child.name)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def save_transformer_weights(transformer: torch.nn.Module, tdir: Path) -> int:
@@ -139,4 +128,4 @@ def _copy_pipeline_components(handle, tmp: Path) -> None:
     for child in src.iterdir():
         if child.name in ("transformer", "recipe.yaml") or child.name.startswith("report."):
             continue
-        _link_or_copy(child, tmp / child.name)
+        copy_tree(child, tmp / child.name)
