@@ -1,4 +1,4 @@
-"""The dit-compress command: run, calibrate, eval, compare, inspect."""
+"""The dit-compress command: run, calibrate, eval, compare, inspect, verify, export-quanto."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="family, blocks, parameters per role, Linear names")
     p.add_argument("model", nargs="?", default="demo")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("verify", help="check every file of an output against its manifest "
+                                      "(sizes and SHA-256)")
+    p.add_argument("output", help="a directory written by `dit-compress run`")
 
     p = sub.add_parser("export-quanto", help="write a ptq output in optimum-quanto's format")
     p.add_argument("output", help="a directory written by `dit-compress run`")
@@ -183,6 +187,25 @@ def torch_inputs_for_shapedit():
     return (torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.tensor([0, 432]))
 
 
+def _cmd_verify(a) -> int:
+    import time
+
+    from compress.io import integrity
+    from compress.io.manifest import MANIFEST, read_manifest
+
+    out = Path(a.output)
+    tdir = out / "transformer" if (out / "model_index.json").is_file() else out
+    if not (tdir / MANIFEST).is_file():
+        raise UserError(f"{out}: no {MANIFEST}; not a dit-compress output")
+    manifest = read_manifest(tdir)
+    t0 = time.perf_counter()
+    n = integrity.check(tdir, manifest, hashes=True, everything=True)
+    secs = time.perf_counter() - t0
+    print(f"ok: {len(manifest['files'])} files, {n / 1e6:.1f} MB match the manifest "
+          f"({secs:.2f} s)")
+    return 0
+
+
 def _cmd_export_quanto(a) -> int:
     from compress.io.quanto_export import export_quanto
 
@@ -208,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
                 "compare": _cmd_compare, "inspect": _cmd_inspect,
-                "export-quanto": _cmd_export_quanto}[a.cmd](a)
+                "verify": _cmd_verify, "export-quanto": _cmd_export_quanto}[a.cmd](a)
     except UserError as exc:
         if a.verbose:
             raise

@@ -10,19 +10,30 @@ import torch
 from safetensors.torch import load_file
 
 from compress.errors import UserError
+from compress.io import integrity
+from compress.io.integrity import inside
 from compress.io.manifest import MANIFEST, read_manifest
 from compress.io.save import WEIGHTS
 
 
+def _shards(index: Path) -> list[str]:
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(wm.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index}: not a shard index (damaged or edited); re-run the recipe"
+                        ) from None
+    if not all(isinstance(n, str) for n in names):
+        raise UserError(f"{index}: a shard name is not a string; re-run the recipe")
+    return names
+
+
 def _state_dict(tdir: Path) -> dict[str, torch.Tensor]:
     index = tdir / f"{WEIGHTS}.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file() else [WEIGHTS]
-    )
+    files = _shards(index) if index.is_file() else [WEIGHTS]
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        p = tdir / f
+        p = inside(tdir, f, "the shard index")
         if not p.is_file():
             raise UserError(f"{p}: missing weights file; the output is incomplete")
         try:
@@ -53,8 +64,12 @@ def own_memory_(obj) -> None:
                         m._buffers[name] = t.clone()
 
 
-def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The compressed transformer alone, from a ``transformer/`` dir (or a transformer-only output)."""
+def load_transformer(tdir: str | Path, device: str | torch.device = "cpu",
+                     verify: bool = False) -> torch.nn.Module:
+    """The compressed transformer alone, from a ``transformer/`` dir (or a transformer-only output).
+
+    Every file the manifest lists is checked for its size; ``verify=True`` checks its SHA-256
+    too (see README: Integrity for the cost)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -62,6 +77,7 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu") -> to
 
     tdir = Path(tdir)
     manifest = read_manifest(tdir)
+    integrity.check(tdir, manifest, hashes=verify)
     if manifest.get("family") == "generic":
         raise UserError(
             f"{tdir}: holds your own module ({manifest.get('transformer_module', '?')}."
@@ -99,7 +115,7 @@ def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, devi
 
 
 def load_module(out: str | Path, module: torch.nn.Module,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
+                device: str | torch.device = "cpu", verify: bool = False) -> torch.nn.Module:
     """Restore a compressed output of your own module onto a fresh instance of its class.
 
     The instance may be untrained (its weights are replaced) but must be built with the same
@@ -111,6 +127,7 @@ def load_module(out: str | Path, module: torch.nn.Module,
         out: a directory written by ``run_recipe(..., model=module, out=out)``.
         module: a freshly built instance of the same class and config; changed in place.
         device: where to put it.
+        verify: also check every file's SHA-256 against the manifest (sizes always are).
 
     Returns:
         ``module``, compressed, in eval mode.
@@ -124,6 +141,7 @@ def load_module(out: str | Path, module: torch.nn.Module,
     if (tdir / "model_index.json").is_file():
         raise UserError(f"{tdir}: a diffusers pipeline output; load it with compress.load_pipeline")
     manifest = read_manifest(tdir)
+    integrity.check(tdir, manifest, hashes=verify)
     want = manifest["transformer_class"]
     if type(module).__name__ != want:
         raise UserError(f"{tdir}: compressed from a {manifest.get('transformer_module', '?')}."
@@ -148,12 +166,13 @@ def load_module(out: str | Path, module: torch.nn.Module,
                  "build it with the config it was compressed from")
 
 
-def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):
+def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: bool = False):
     """A compressed output as a diffusers pipeline (or the transformer alone if that is all it holds).
 
     Args:
         out: a directory written by ``dit-compress run``.
         device: where to put the pipeline.
+        verify: also check every file's SHA-256 against the manifest (sizes always are).
 
     Returns:
         The diffusers pipeline with the compressed transformer inside; for a transformer-only
@@ -166,11 +185,11 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu"):
         tdir = out / "transformer"
         if not (tdir / MANIFEST).is_file():
             raise UserError(f"{out}: no transformer/{MANIFEST}; not a dit-compress output")
-        tr = load_transformer(tdir, device)
+        tr = load_transformer(tdir, device, verify=verify)
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
         own_memory_(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
-    return load_transformer(out, device)
+    return load_transformer(out, device, verify=verify)

@@ -100,10 +100,14 @@ def write_output(
         if hasattr(handle.transformer, "save_config"):
             handle.transformer.save_config(tdir)
         save_transformer_weights(handle.transformer, tdir)
-        (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         if write_extras is not None:
             write_extras(tmp)
+        # last: the manifest records the size and SHA-256 of every other file written
+        from compress.io.integrity import record
+
+        manifest = {**manifest, "files": record(tmp, {tdir / MANIFEST})}
+        (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
