@@ -1,4 +1,4 @@
-"""The dit-compress command: run, calibrate, eval, compare, inspect, verify, export-quanto."""
+"""The dit-compress command: run, calibrate, eval, compare, inspect, verify, clean, export-quanto."""
 
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file of an output against its manifest "
                                       "(sizes and SHA-256)")
     p.add_argument("output", help="a directory written by `dit-compress run`")
+
+    p = sub.add_parser("clean", help="list and remove what killed runs left behind")
+    p.add_argument("outputs", nargs="*", help="--out folders of earlier runs (their temporary "
+                                              "siblings and lock files are removed)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache root whose temporary capture folders to remove (default: "
+                        "$DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
+    p.add_argument("--min-age", type=float, default=60.0,
+                   help="minutes a cache temp folder must be untouched to count as left over")
+    p.add_argument("--dry-run", action="store_true", help="list only")
 
     p = sub.add_parser("export-quanto", help="write a ptq output in optimum-quanto's format")
     p.add_argument("output", help="a directory written by `dit-compress run`")
@@ -206,6 +216,26 @@ def _cmd_verify(a) -> int:
     return 0
 
 
+def _cmd_clean(a) -> int:
+    import shutil
+
+    from compress.calib.capture import default_cache_root
+    from compress.io.lock import stale
+
+    cache = Path(a.cache_dir) / "calib" if a.cache_dir else default_cache_root()
+    found = stale([Path(o) for o in a.outputs], cache, a.min_age * 60)
+    for p in found:
+        print(("would remove " if a.dry_run else "removed ") + str(p))
+        if not a.dry_run:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    if not found:
+        print("nothing left over")
+    return 0
+
+
 def _cmd_export_quanto(a) -> int:
     from compress.io.quanto_export import export_quanto
 
@@ -231,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
                 "compare": _cmd_compare, "inspect": _cmd_inspect,
-                "verify": _cmd_verify, "export-quanto": _cmd_export_quanto}[a.cmd](a)
+                "verify": _cmd_verify, "clean": _cmd_clean, "export-quanto": _cmd_export_quanto}[a.cmd](a)
     except UserError as exc:
         if a.verbose:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -230,6 +231,29 @@ def run_recipe(
         The report (the content of report.json). Raises GateFailed after writing the output
         when a gate fails.
     """
+    with contextlib.ExitStack() as stack:  # holds the --out lock until the run ends
+        return _run_recipe(recipe, model, out, calibrate_fn=calibrate_fn, sample_fn=sample_fn,
+                           metric_fn=metric_fn, spec=spec, inplace=inplace, overrides=overrides,
+                           device=device, force=force, cache_dir=cache_dir, _stack=stack)
+
+
+def _run_recipe(
+    recipe: Recipe | str | Path | dict,
+    model: str | Path | nn.Module = "demo",
+    out: str | Path | None = None,
+    *,
+    calibrate_fn=None,
+    sample_fn=None,
+    metric_fn=None,
+    spec=None,
+    inplace: bool = False,
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+    _stack: contextlib.ExitStack,
+) -> dict:
+    """The body of run_recipe (which holds the --out lock around it)."""
     from compress.calib.capture import capture, capture_generic
     from compress.io.manifest import build_manifest
     from compress.io.save import check_out_dir, write_output
@@ -285,6 +309,9 @@ def run_recipe(
             get_pass(name).check(handle, cfg)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
+        from compress.io.lock import OutLock
+
+        _stack.enter_context(OutLock(Path(out)))  # a second run to the same --out is refused
         if handle.pipeline is not None and not _is_demo(handle) and handle.source is not None:
             from compress.io.files import walk
 
