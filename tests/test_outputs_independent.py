@@ -72,3 +72,16 @@ def test_model_folder_with_a_loop_is_refused_before_any_work(tiny_pipeline_dir, 
     with pytest.raises(UserError, match="symlink loop"):
         compress.run_recipe(RECIPE, model=src, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_stock_diffusers_refuses_a_quantised_output_by_name(tiny_pipeline_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    compress.run_recipe(RECIPE, model=tiny_pipeline_dir("pixart"), out=tmp_path / "o")
+    with pytest.raises(Exception, match="LoadWith_compress_load_pipeline"):
+        DiffusionPipeline.from_pretrained(tmp_path / "o")
+    pipe = compress.load_pipeline(tmp_path / "o")  # ours still loads it
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    import diffusers
+
+    assert not hasattr(diffusers, "QuantizedByDitCompress_LoadWith_compress_load_pipeline")

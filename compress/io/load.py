@@ -186,9 +186,19 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: b
         if not (tdir / MANIFEST).is_file():
             raise UserError(f"{out}: no transformer/{MANIFEST}; not a dit-compress output")
         tr = load_transformer(tdir, device, verify=verify)
+        import diffusers
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
+        from compress.io.save import STOCK_MARKER
+
+        # model_index.json names a class stock diffusers lacks (so that its from_pretrained
+        # refuses the output); diffusers checks a passed component against that name, so the
+        # name stands for the real class during this one call only
+        setattr(diffusers, STOCK_MARKER, type(tr))
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
+        finally:
+            delattr(diffusers, STOCK_MARKER)
         own_memory_(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)

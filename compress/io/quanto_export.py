@@ -495,6 +495,8 @@ def export_quanto(out_dir: str | Path, dest_dir: str | Path, force: bool = False
         calibrate_fn = _calibration_from_run(manifest, model, cache_dir, n)
     to_quanto(tr, calibrate_fn)
     config = json.loads((tdir / CONFIG).read_text()) if (tdir / CONFIG).is_file() else None
+    if config is not None:  # our output hides the class from stock diffusers; quanto's shows it
+        config["_class_name"] = type(tr).__name__
     return save_quanto(tr, dest_dir, force=force, config=config, _source=out)
 
 

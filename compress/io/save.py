@@ -99,6 +99,8 @@ def write_output(
         tdir.mkdir(parents=True)
         if hasattr(handle.transformer, "save_config"):
             handle.transformer.save_config(tdir)
+            if _stock_cannot_run(manifest):
+                _mark_for_compress(tmp if is_pipeline else None, tdir)
         save_transformer_weights(handle.transformer, tdir)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         if write_extras is not None:
@@ -119,6 +121,31 @@ def write_output(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# the transformer class stock diffusers sees in a format-changed output: a name it does not have,
+# so `DiffusionPipeline.from_pretrained(OUT)` stops with an error naming it (instead of loading
+# random weights for the quantised layers and drawing NaN); the real class is in the manifest
+STOCK_MARKER = "QuantizedByDitCompress_LoadWith_compress_load_pipeline"
+
+
+def _stock_cannot_run(manifest: dict) -> bool:
+    from compress.registry import get_pass
+
+    return any(get_pass(p["name"]).kind == "format" for p in manifest.get("passes", []))
+
+
+def _mark_for_compress(root: Path | None, tdir: Path) -> None:
+    cfg = tdir / "config.json"
+    data = json.loads(cfg.read_text())
+    data["_class_name"] = STOCK_MARKER
+    cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    index = root / "model_index.json" if root is not None else None
+    if index is not None and index.is_file():
+        data = json.loads(index.read_text())
+        if isinstance(data.get("transformer"), list) and len(data["transformer"]) == 2:
+            data["transformer"] = ["diffusers", STOCK_MARKER]
+            index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_pipeline_components(handle, tmp: Path) -> None:
