@@ -180,6 +180,8 @@ def validate(raw: Any, where: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: a recipe must be a YAML mapping with name, passes, ...")
     raw = dict(raw)
+    if isinstance(raw.get("gates"), dict):  # `--set gates.NAME=null` removes that gate
+        raw["gates"] = {k: v for k, v in raw["gates"].items() if v is not None}
     passes_raw = raw.get("passes")
     if not isinstance(passes_raw, list) or not passes_raw:
         raise UserError(f"{where}: 'passes' must be a non-empty list of {{pass_name: config}} "

@@ -185,3 +185,25 @@ def test_unreachable_budget_on_a_pipeline_is_refused_before_calibration(tiny_pip
         compress.run_recipe(ROOT / "recipes" / "w4a8-mp.yaml", model=tiny_pipeline_dir("pixart"),
                             out=tmp_path / "o", overrides=ov)
     assert not (tmp_path / "o").exists()
+
+
+def test_gate_removed_by_set_null_and_prompt_sources_checked(tmp_path):
+    r = load_recipe(ROOT / "recipes" / "w8a8.yaml", ["gates.psnr_vs_teacher=null"])
+    assert "psnr_vs_teacher" not in r.gates and "prompt_accuracy_drop" in r.gates
+    from compress.calib.prompts import load_prompts
+
+    with pytest.raises(UserError, match="not a regular file"):
+        load_prompts("/dev/zero")
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    from compress.io import save
+
+    def read_only(*a, **k):  # what a read-only file system answers (root ignores chmod)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(save.tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match=r"cannot write in .*Read-only file system"):
+        save.check_out_dir(tmp_path / "deeper" / "o", False, None)

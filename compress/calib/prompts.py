@@ -47,9 +47,19 @@ def load_prompts(source: str | Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit is not None else prompts
 
 
+MAX_PROMPT_FILE = 256 << 20  # PartiPrompts is 150 KB; a quarter of a gigabyte is not a prompt list
+
+
 def _load_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a device or a pipe); give a prompt file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_PROMPT_FILE + 1)
+    if len(data) > MAX_PROMPT_FILE:
+        raise UserError(f"{path}: larger than {MAX_PROMPT_FILE >> 20} MiB; give a smaller "
+                        "prompt file (only the first num_prompts are read anyway)")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
+        text = data.decode("utf-8-sig")  # -sig: tolerate a BOM from Windows editors
     except UnicodeDecodeError:
         raise UserError(
             f"{path} is not UTF-8 text; save it as UTF-8 (txt, jsonl, tsv or json)"

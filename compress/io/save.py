@@ -35,8 +35,24 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
             raise UserError(f"--out {out}: overlaps the input model {source}; choose another path")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    _check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
+
+
+def _check_writable(out: Path) -> None:
+    """The output goes to a temporary sibling of ``out``: its parent (or the nearest existing
+    ancestor, which the run would create the folders in) must take a new file."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {parent} ({exc.strerror}); choose a "
+                        "writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save_transformer_weights(transformer: torch.nn.Module, tdir: Path) -> int:
