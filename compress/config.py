@@ -21,16 +21,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def compile_selector(sel: str, what: str) -> None:
+    """A ``re:`` selector's regex must compile (ValueError naming ``what``)."""
+    if sel.startswith("re:"):
+        try:
+            re.compile(sel[3:])
+        except re.error as exc:
+            raise ValueError(f"{what}: bad regex {sel!r}: {exc}") from None
+
+
 def check_selectors(v: list[str], what: str) -> list[str]:
     """Selectors are non-empty strings; ``re:`` ones must compile."""
     for sel in v:
         if not sel.strip():
             raise ValueError(f"{what}: an empty selector")
-        if sel.startswith("re:"):
-            try:
-                re.compile(sel[3:])
-            except re.error as exc:
-                raise ValueError(f"{what}: bad regex {sel!r}: {exc}") from None
+        compile_selector(sel, what)
     return v
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
 import time
 from pathlib import Path
@@ -185,6 +187,38 @@ def check_gates(handle, recipe: Recipe, has_calib: bool, sample_fn=None, metric_
             )
 
 
+# the --out lock run_recipe takes before any work, held until it returns or raises
+_OUT_LOCKS: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("out_locks")
+
+
+def _holds_out_lock(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _OUT_LOCKS.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _OUT_LOCKS.reset(token)
+    return wrapper
+
+
+def capture_calibration(handle, cc, defaults: dict, cache, device: str):
+    """The recipe's calibration set of a pipeline: prompts resolved, family defaults filled."""
+    from compress.calib.capture import capture
+
+    prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
+    return capture(
+        handle, prompts,
+        seeds=[cc.seed + i for i in range(len(prompts))],
+        steps=cc.steps or defaults["steps"],
+        guidance=cc.guidance if cc.guidance is not None else defaults["guidance"],
+        resolution=cc.resolution or defaults["resolution"],
+        capture_steps=cc.capture_steps, cache_dir=cache, device=device,
+    )
+
+
+@_holds_out_lock
 def run_recipe(
     recipe: Recipe | str | Path | dict,
     model: str | Path | nn.Module = "demo",
@@ -231,30 +265,7 @@ def run_recipe(
         The report (the content of report.json). Raises GateFailed after writing the output
         when a gate fails.
     """
-    with contextlib.ExitStack() as stack:  # holds the --out lock until the run ends
-        return _run_recipe(recipe, model, out, calibrate_fn=calibrate_fn, sample_fn=sample_fn,
-                           metric_fn=metric_fn, spec=spec, inplace=inplace, overrides=overrides,
-                           device=device, force=force, cache_dir=cache_dir, _stack=stack)
-
-
-def _run_recipe(
-    recipe: Recipe | str | Path | dict,
-    model: str | Path | nn.Module = "demo",
-    out: str | Path | None = None,
-    *,
-    calibrate_fn=None,
-    sample_fn=None,
-    metric_fn=None,
-    spec=None,
-    inplace: bool = False,
-    overrides: list[str] | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    cache_dir: str | Path | None = None,
-    _stack: contextlib.ExitStack,
-) -> dict:
-    """The body of run_recipe (which holds the --out lock around it)."""
-    from compress.calib.capture import capture, capture_generic
+    from compress.calib.capture import capture_generic
     from compress.io.manifest import build_manifest
     from compress.io.save import check_out_dir, write_output
     from compress.metrics.timing import peak_rss_mb
@@ -311,7 +322,7 @@ def _run_recipe(
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
         from compress.io.lock import OutLock
 
-        _stack.enter_context(OutLock(Path(out)))  # a second run to the same --out is refused
+        _OUT_LOCKS.get().enter_context(OutLock(Path(out)))  # a second run to the same --out is refused
         if handle.pipeline is not None and not _is_demo(handle) and handle.source is not None:
             from compress.io.files import walk
 
@@ -338,15 +349,7 @@ def _run_recipe(
     calib = None
     cc = recipe.calibration
     if handle.pipeline is not None:
-        prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
-        calib = capture(
-            handle, prompts,
-            seeds=[cc.seed + i for i in range(len(prompts))],
-            steps=cc.steps or defaults["steps"],
-            guidance=cc.guidance if cc.guidance is not None else defaults["guidance"],
-            resolution=cc.resolution or defaults["resolution"],
-            capture_steps=cc.capture_steps, cache_dir=cache, device=device,
-        )
+        calib = capture_calibration(handle, cc, defaults, cache, device)
     elif calibrate_fn is not None:
         calib = capture_generic(tr, calibrate_fn)
     structure = None

@@ -97,12 +97,11 @@ class _Setup:
 
 
 def _pipeline_setup(model, cc, ev, device, cache) -> _Setup:
-    from compress.calib.capture import capture
     from compress.metrics.evaluate import quality as quality_of
     from compress.metrics.evaluate import sample_images, teacher_images
     from compress.models import load_model
     from compress.passes.ptq import DEFAULT_INCLUDE
-    from compress.runner import family_defaults, resolve_prompts
+    from compress.runner import capture_calibration, family_defaults, resolve_prompts
     from compress.targets import select
 
     handle = load_model(model, device=device)
@@ -110,15 +109,7 @@ def _pipeline_setup(model, cc, ev, device, cache) -> _Setup:
         raise UserError(f"{model}: a transformer folder has no sampler; pass a pipeline "
                         "directory, demo or demo-dit")
     defaults = family_defaults(handle)
-    prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
-    calib = capture(
-        handle, prompts,
-        seeds=[cc.seed + i for i in range(len(prompts))],
-        steps=cc.steps or defaults["steps"],
-        guidance=cc.guidance if cc.guidance is not None else defaults["guidance"],
-        resolution=cc.resolution or defaults["resolution"],
-        capture_steps=cc.capture_steps, cache_dir=cache, device=device,
-    )
+    calib = capture_calibration(handle, cc, defaults, cache, device)
     eval_prompts = resolve_prompts(ev.prompts, handle, "eval", ev.num_prompts)
     eval_seeds = [ev.seed + i for i in range(len(eval_prompts))]
     gen_args = {

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from pydantic import Field, field_validator
 
-from compress.config import StrictModel
+from compress.config import StrictModel, compile_selector
 from compress.models.base import ROLES
 
 _ROLES = (*ROLES, "other")
@@ -32,11 +30,7 @@ class ModelSpec(StrictModel):
                 raise ValueError(f"roles[{sel!r}]: {role!r} is not a role ({', '.join(_ROLES)})")
             if sel in _ROLES:
                 raise ValueError(f"roles: the key {sel!r} is a role; name a layer or a 're:' regex")
-            if sel.startswith("re:"):
-                try:
-                    re.compile(sel[3:])
-                except re.error as exc:
-                    raise ValueError(f"roles: bad regex {sel!r}: {exc}") from None
+            compile_selector(sel, "roles")
         return v
 
     @field_validator("blocks")
