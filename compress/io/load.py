@@ -64,48 +64,100 @@ def own_memory_(obj) -> None:
                         m._buffers[name] = t.clone()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def _rebuild(module: torch.nn.Module, manifest: dict, tdir: Path, todo: str) -> None:
+    """Run every pass's restore on ``module`` as the manifest says; any failure is one line."""
+    from pydantic import ValidationError
+
+    from compress.registry import all_passes
+
+    passes = all_passes()
+    for i, p in enumerate(manifest["passes"]):
+        defn = passes.get(p["name"])
+        if defn is None:
+            raise UserError(f"{tdir}: pass {p['name']!r} (passes[{i}]) is unknown to this "
+                            "dit-compress; upgrade it")
+        try:
+            cfg = defn.config.model_validate(p["config"])
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise UserError(f"{tdir}: passes[{i}] ({p['name']}) config "
+                            f"{'.'.join(map(str, e['loc']))}: {e['msg']}; the output is damaged "
+                            "or from another version: re-run the recipe") from None
+        try:
+            defn.restore(module, cfg, p["meta"])
+        except UserError:
+            raise
+        except (AttributeError, LookupError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{tdir}: passes[{i}] ({p['name']}) cannot be rebuilt on this "
+                            f"model ({_first_line(exc)}); {todo}") from None
+
+
 def load_transformer(tdir: str | Path, device: str | torch.device = "cpu",
                      verify: bool = False) -> torch.nn.Module:
     """The compressed transformer alone, from a ``transformer/`` dir (or a transformer-only output).
 
-    Every file the manifest lists is checked for its size; ``verify=True`` checks its SHA-256
-    too (see README: Integrity for the cost)."""
+    Every file the manifest lists is checked for its size and header; ``verify=True`` checks
+    its whole SHA-256 too (see README: Integrity for the cost)."""
     import diffusers
     from accelerate import init_empty_weights
-
-    from compress.registry import get_pass
 
     tdir = Path(tdir)
     manifest = read_manifest(tdir)
     integrity.check(tdir, manifest, hashes=verify)
-    if manifest.get("family") == "generic":
+    if manifest["family"] == "generic":
         raise UserError(
-            f"{tdir}: holds your own module ({manifest.get('transformer_module', '?')}."
+            f"{tdir}: holds your own module ({manifest['transformer_module']}."
             f"{manifest['transformer_class']}), not a diffusers model: build a fresh instance "
             "with the same config and call compress.load_module(out, module)")
-    cls = getattr(diffusers, manifest["transformer_class"], None)
-    if cls is None:
-        raise UserError(f"{tdir}: transformer class {manifest['transformer_class']} is unknown "
-                        "to this diffusers version")
-    config = cls.load_config(tdir)
-    with init_empty_weights(include_buffers=False):
-        tr = cls.from_config(config)
-    for p in manifest["passes"]:
-        defn = get_pass(p["name"])
-        cfg = defn.config.model_validate(p["config"])
-        defn.restore(tr, cfg, p["meta"])
+    name = manifest["transformer_class"]
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise UserError(f"{tdir}: transformer class {name} is unknown to this diffusers version "
+                        f"({diffusers.__version__}); install the one it was compressed with")
+    redo = "the output is damaged or from another version: re-run the recipe"
+    try:
+        config = cls.load_config(tdir)
+        with init_empty_weights(include_buffers=False):
+            tr = cls.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types on a bad config
+        raise UserError(f"{tdir}/config.json: {cls.__name__} cannot be built from it "
+                        f"({type(exc).__name__}); {redo}") from None
+    _rebuild(tr, manifest, tdir, redo)
     sd = _state_dict(tdir)
-    return _fill(tr, sd, tdir, device, "weights do not match the manifest",
-                 "the output is damaged or from another version")
+    return _fill(tr, sd, tdir, device, "weights do not match the manifest", redo)
 
 
 def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, device,
           what: str, todo: str) -> torch.nn.Module:
-    """Load ``sd`` into a rebuilt (meta-device) module; every tensor must get a stored value."""
-    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    """Load ``sd`` into a rebuilt (meta-device) module; every tensor must get a stored value
+    of the shape the rebuilt layer has, and an integer tensor (codes, packed nibbles) the
+    dtype it has: so a manifest that disagrees with the stored tensors is refused."""
+    have = dict(module.named_parameters()) | dict(module.named_buffers())
+    missing = sorted(set(have) - set(sd))
+    missing = [k for k in missing if k in module.state_dict()]
+    unexpected = sorted(set(sd) - set(module.state_dict()))
     if missing or unexpected:
         raise UserError(f"{tdir}: {what} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         f"{todo}")
+    for k, v in sd.items():
+        t = have.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(v.shape):
+            raise UserError(f"{tdir}: {k} is stored with shape {tuple(v.shape)}, the manifest's "
+                            f"layer has {tuple(t.shape)}; {todo}")
+        if t.dtype != v.dtype and not (t.dtype.is_floating_point and v.dtype.is_floating_point):
+            raise UserError(f"{tdir}: {k} is stored as {v.dtype}, the manifest's layer holds "
+                            f"{t.dtype}; {todo}")
+    try:
+        module.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{tdir}: {what} ({_first_line(exc)}); {todo}") from None
     still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
                   if t.device.type == "meta"]
     if still_meta:
@@ -133,7 +185,6 @@ def load_module(out: str | Path, module: torch.nn.Module,
         ``module``, compressed, in eval mode.
     """
     from compress.models.generic import restore_prepared
-    from compress.registry import get_pass
 
     tdir = Path(out)
     if not tdir.is_dir():
@@ -144,18 +195,18 @@ def load_module(out: str | Path, module: torch.nn.Module,
     integrity.check(tdir, manifest, hashes=verify)
     want = manifest["transformer_class"]
     if type(module).__name__ != want:
-        raise UserError(f"{tdir}: compressed from a {manifest.get('transformer_module', '?')}."
+        raise UserError(f"{tdir}: compressed from a {manifest['transformer_module']}."
                         f"{want}, got a {type(module).__name__}; build the same class")
-    if manifest.get("prepared"):
-        restore_prepared(module, manifest["prepared"])
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    for p in manifest["passes"]:
-        defn = get_pass(p["name"])
+    if manifest["prepared"]:
         try:
-            defn.restore(module, defn.config.model_validate(p["config"]), p["meta"])
-        except AttributeError as exc:
-            raise UserError(f"{tdir}: the module has no layer the manifest names ({exc}); "
-                            "build it with the same config") from None
+            restore_prepared(module, manifest["prepared"])
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
+            raise UserError(f"{tdir}: the module cannot be prepared as the manifest says "
+                            f"({_first_line(exc)}); build it with the same config"
+                            ) from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    _rebuild(module, manifest, tdir, "build the module with the config it was compressed from "
+             "(or re-run the recipe if the output is damaged)")
     sd = _state_dict(tdir)
     kept = dict(module.named_parameters()) | dict(module.named_buffers())
     for k, v in sd.items():  # layers left as they were must match in shape
@@ -197,6 +248,10 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: b
         setattr(diffusers, STOCK_MARKER, type(tr))
         try:
             pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
+        except Exception as exc:  # noqa: BLE001 - diffusers/transformers raise many types
+            raise UserError(f"{out}: a pipeline component does not load ({_first_line(exc)}); "
+                            f"the output is damaged: `dit-compress verify {out}` names "
+                            "the file, re-run the recipe") from None
         finally:
             delattr(diffusers, STOCK_MARKER)
         own_memory_(pipe)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from compress.errors import UserError
 from compress.io.files import copy_tree
-from compress.io.manifest import MANIFEST
+from compress.io.manifest import MANIFEST, write_manifest
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_BYTES = 4 * 1024**3
@@ -124,8 +124,7 @@ def write_output(
         # last: the manifest records the size and SHA-256 of every other file written
         from compress.io.integrity import record
 
-        manifest = {**manifest, "files": record(tmp, {tdir / MANIFEST})}
-        (tdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(tdir, {**manifest, "files": record(tmp, {tdir / MANIFEST})})
         if out.exists():
             trash = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, trash)
