@@ -236,6 +236,7 @@ def _check_order(recipe: Recipe, where: str) -> None:
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is not a recipe
 MAX_DEPTH = 32  # nesting levels of mappings and lists
+MAX_VALUES = 20_000  # values after aliases are expanded (an alias bomb is a few lines of YAML)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -257,11 +258,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 
 def _depth(node: yaml.Node) -> int:
-    """Nesting depth of a composed YAML node (iterative: no recursion on hostile input)."""
-    best, stack = 0, [(node, 1)]
+    """Nesting depth of a composed YAML node (iterative: no recursion on hostile input);
+    UserError when aliases expand it beyond MAX_VALUES values."""
+    best, stack, seen = 0, [(node, 1)], 0
     while stack:
         n, d = stack.pop()
         best = max(best, d)
+        seen += 1
+        if seen > MAX_VALUES:
+            raise UserError(f"more than {MAX_VALUES} values once its aliases (*name) are "
+                            "expanded: not a recipe")
         if d > MAX_DEPTH:
             return d
         if isinstance(n, yaml.MappingNode):
@@ -271,9 +277,38 @@ def _depth(node: yaml.Node) -> int:
     return best
 
 
+def _flow_depth_exceeds(text: str) -> bool:
+    """Whether ``[``/``{`` nest beyond MAX_DEPTH outside quotes and comments: a linear scan
+    before the YAML parser, which takes seconds on thousands of open brackets. A quote opens
+    only where a YAML scalar can start (so ``don't`` is no quote). It may count less than the
+    parser sees (the depth check on the parsed nodes follows), never more."""
+    depth, quote, comment, prev = 0, "", False, "\n"
+    for ch in text:
+        if ch == "\n":
+            comment, quote = False, ""  # quoted recipe values stay on one line
+        elif comment:
+            pass
+        elif quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"" and prev in " \t\n[{,:":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        prev = ch
+    return False
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """YAML text -> data, strictly: one document, no duplicate keys, at most MAX_DEPTH levels;
     every problem is one UserError naming ``where`` (a file, or a --set key)."""
+    if _flow_depth_exceeds(text):
+        raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
     try:
         loader = _StrictLoader(text)
         try:
