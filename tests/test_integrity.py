@@ -134,7 +134,7 @@ def test_symlink_leaving_the_output_is_refused(out, tmp_path):
     moved = tmp_path / "moved.safetensors"
     os.replace(w, moved)
     os.symlink(moved, w)
-    with pytest.raises(UserError, match="leads outside the output folder"):
+    with pytest.raises(UserError, match="symlink leading outside the output folder"):
         compress.load_module(out, _net())
 
 

@@ -12,6 +12,7 @@ from an output must stay inside the output folder.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path, PurePosixPath
 
 from compress.errors import UserError
@@ -40,6 +41,27 @@ def inside(root: Path, rel: str, what: str) -> Path:
         raise UserError(f"{root}: {what} {rel!r} leads outside the output folder (a symlink); "
                         "the output is damaged or was edited") from None
     return p
+
+
+def check_links(root: Path) -> None:
+    """The tool writes no symlinks: one leaving the output, or any directory symlink (a loop,
+    or a second path to the same files), means the output was edited; refuse it."""
+    real = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory links
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                continue
+            rel = p.relative_to(root).as_posix()
+            if p.is_dir():
+                raise UserError(f"{root}: {rel} is a symlink to a folder ({os.readlink(p)}); "
+                                "dit-compress writes none: the output was edited, re-run the "
+                                "recipe or remove the link")
+            try:
+                p.resolve().relative_to(real)
+            except (ValueError, OSError):
+                raise UserError(f"{root}: {rel} is a symlink leading outside the output folder "
+                                "(or a loop); the output was edited: re-run the recipe") from None
 
 
 SMALL = 1 << 20  # files up to this size are hashed whole on every load
@@ -93,6 +115,7 @@ def check(tdir: Path, manifest: dict, hashes: bool = False, everything: bool = F
     if not isinstance(table, dict) or not table:
         raise UserError(f"{tdir}: the manifest lists no files (edited, or not written by this "
                         "dit-compress); re-run the recipe")
+    check_links(root)
     n = 0
     for rel, want in table.items():
         if not everything and PurePosixPath(rel).name in _FOR_PEOPLE and "/" not in rel:

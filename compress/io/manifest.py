@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,8 @@ def read_manifest(tdir: Path) -> dict[str, Any]:
             f"{tdir}: no {MANIFEST}; this is not a dit-compress output (load it with diffusers)"
         )
     redo = "the output is damaged or was edited: re-run the recipe"
+    if p.is_symlink():
+        raise UserError(f"{p}: a symlink (to {os.readlink(p)}); dit-compress writes none: {redo}")
     if p.stat().st_size > MAX_MANIFEST_BYTES:
         raise UserError(f"{p}: {p.stat().st_size} bytes, far larger than a manifest; {redo}")
     try:
