@@ -277,3 +277,21 @@ def test_source_hash_sees_changed_weights(tmp_path) -> None:
     sd["w"][0, 0] = 1.0
     save_file(sd, str(f))
     assert source_hash(d, d, []) != h0
+
+
+@pytest.mark.parametrize("change", [{"num_layers": 3}, {"attention_head_dim": 32}])
+def test_config_disagreeing_with_weights_is_one_line(tiny_pipeline_dir, tmp_path, change):
+    import json
+    import shutil
+
+    from compress.errors import UserError
+    from compress.models import load_model
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_pipeline_dir("pixart"), src)
+    cfg = src / "transformer" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **change}))
+    with pytest.raises(UserError) as info:
+        load_model(str(src))
+    msg = str(info.value)
+    assert "\n" not in msg and ("lacks" in msg or "expected shape" in msg), msg

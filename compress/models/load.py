@@ -210,6 +210,17 @@ def _adapter(cls_name: str, where: Path):
     return adapter
 
 
+def _refuse_missing_weights(transformer: torch.nn.Module, tdir: Path) -> None:
+    """diffusers leaves the tensors its config names but its weights lack on the meta device
+    (a config.json that disagrees with the weights file): refuse that before any work."""
+    missing = [n for n, t in (*transformer.named_parameters(), *transformer.named_buffers())
+               if t.is_meta]
+    if missing:
+        raise UserError(f"{tdir}: config.json describes {len(missing)} tensors the weights file "
+                        f"lacks (first: {missing[0]}); the config and the weights belong to "
+                        "different models: restore the checkpoint's own config.json")
+
+
 def _load_error(where: Path, exc: Exception) -> UserError:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return UserError(
@@ -318,6 +329,7 @@ def load_model(
         raise
     except Exception as exc:  # diffusers / safetensors / transformers raise many types
         raise _load_error(root, exc) from exc
+    _refuse_missing_weights(transformer, tdir)
 
     target = pipe if pipe is not None else transformer
     if not (tdir / MANIFEST).is_file():
