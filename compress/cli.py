@@ -39,27 +39,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. passes.0.ptq.weights.bits=6 (repeatable)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root")
+    p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps; default cpu)")
+    p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root "
+                   "(default $DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
 
     p = sub.add_parser("calibrate", help="capture calibration inputs into the cache")
     model_arg(p)
     p.add_argument("--prompts", default="auto", help="prompt file (txt, jsonl, tsv, json, dataset)")
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-prompts", type=int, default=8, help="prompts to capture (default 8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the family's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the family's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (default 0)")
+    p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root "
+                   "(default $DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps; default cpu)")
 
     p = sub.add_parser("eval", help="compare a compressed output with its original model")
     p.add_argument("output", help="a directory written by `dit-compress run`")
-    p.add_argument("--prompts", default="auto")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--prompts", default="auto",
+                   help="prompt file (default: held-out demo captions / general prompts)")
+    p.add_argument("--num-prompts", type=int, default=16, help="prompts to compare (default 16)")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the first prompt (default 1000)")
     p.add_argument("--model", default=None, help="the original (default: the manifest's source)")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root "
+                   "(default $DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
     p = sub.add_parser("compare", help="one table across outputs, and a quality/bits plot")
@@ -68,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="compare.png", help="PNG plot path (default compare.png)")
 
     p = sub.add_parser("inspect", help="family, blocks, parameters per role, Linear names")
-    p.add_argument("model", nargs="?", default="demo")
+    p.add_argument("model", nargs="?", default="demo",
+                   help="pipeline or transformer folder, or demo (default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("verify", help="check every file of an output against its manifest "

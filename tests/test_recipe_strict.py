@@ -207,3 +207,16 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(save.tempfile, "mkstemp", read_only)
     with pytest.raises(UserError, match=r"cannot write in .*Read-only file system"):
         save.check_out_dir(tmp_path / "deeper" / "o", False, None)
+
+
+def test_every_cli_option_has_help_text():
+    import argparse
+
+    from compress.cli import _parser
+
+    ap = _parser()
+    subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+    lacking = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+               for name, p in subs.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not lacking, lacking
