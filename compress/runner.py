@@ -176,6 +176,17 @@ def measurable(handle, recipe: Recipe, has_calib: bool, sample_fn=None,
     return why
 
 
+def estimate_output_bytes(handle) -> int:
+    """An upper bound on what --out will hold: every tensor of the pipeline (or the module) as
+    loaded (the compressed transformer is smaller), plus the report's images (a few MB)."""
+    parts = [handle.transformer]
+    if handle.pipeline is not None:
+        parts = [m for m in vars(handle.pipeline).values() if isinstance(m, torch.nn.Module)]
+    tensors = {id(t): t.numel() * t.element_size() for m in parts
+               for t in (*m.parameters(), *m.buffers())}
+    return sum(tensors.values()) + (16 << 20)
+
+
 def check_gates(handle, recipe: Recipe, has_calib: bool, sample_fn=None, metric_fn=None) -> None:
     """Refuse, before any work, a gate whose figure this run cannot produce (unless optional)."""
     missing = measurable(handle, recipe, has_calib, sample_fn, metric_fn)
@@ -319,7 +330,8 @@ def run_recipe(
         if get_pass(name).check is not None:
             get_pass(name).check(handle, cfg)
     if out is not None:
-        check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source)
+        check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source,
+                      need=estimate_output_bytes(handle))
         from compress.io.lock import OutLock
 
         _OUT_LOCKS.get().enter_context(OutLock(Path(out)))  # a second run to the same --out is refused

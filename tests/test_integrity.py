@@ -174,3 +174,19 @@ def test_unknown_pass_in_the_manifest_refused(out):
     _edit_manifest(out, lambda m: m["passes"][0].update(name="frobnicate"))
     with pytest.raises(UserError, match="frobnicate"):
         compress.load_module(out, _net())
+
+
+def test_too_little_free_space_refused_before_calibration(tmp_path, monkeypatch):
+    import collections
+
+    import compress.io.save as save
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(save.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    called = []
+    recipe = {"name": "w8", "passes": [{"ptq": {"include": ["re:blocks\\..*"]}}],
+              "eval": {"enabled": False, "latency": False}}
+    with pytest.raises(UserError, match="MB free in .*may take up to"):
+        compress.run_recipe(recipe, model=_net(), out=tmp_path / "o",
+                            calibrate_fn=lambda m: called.append(1))
+    assert not called and not (tmp_path / "o").exists()

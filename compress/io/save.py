@@ -25,8 +25,9 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHARD_BYTES = 4 * 1024**3
 
 
-def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
-    """Refuse an output that would overwrite the input or an existing non-empty directory."""
+def check_out_dir(out: Path, force: bool, source: Path | None = None, need: int = 0) -> None:
+    """Refuse an output that would overwrite the input or an existing non-empty directory, or
+    that would not fit in the free space where it is written (``need`` bytes, estimated)."""
     out = Path(out)
     if source is not None:
         src = Path(source).resolve()
@@ -38,6 +39,15 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None) -> None:
     _check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
+    if need:
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            raise UserError(f"--out {out}: {free / 1e6:.0f} MB free in {parent}, the output may "
+                            f"take up to {need / 1e6:.0f} MB; free some space or choose another "
+                            "folder")
 
 
 def _check_writable(out: Path) -> None:
