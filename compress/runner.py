@@ -176,6 +176,26 @@ def measurable(handle, recipe: Recipe, has_calib: bool, sample_fn=None,
     return why
 
 
+def _check_run_inputs(handle, recipe: Recipe) -> None:
+    """What depends on the model's defaults and on files named by the recipe, before any work
+    (and before the --out lock, so that a refusal writes nothing)."""
+    if handle.pipeline is None:
+        return
+    defaults = family_defaults(handle)
+    if recipe.calibration.capture_steps:
+        steps = recipe.calibration.steps or defaults["steps"]
+        late = [i for i in recipe.calibration.capture_steps if i >= steps]
+        if late:
+            raise UserError(f"calibration.capture_steps {late}: this run has {steps} steps "
+                            f"(indices 0..{steps - 1}); lower them or set calibration.steps")
+    from compress.calib.prompts import load_prompts
+
+    sources = [recipe.calibration] + ([recipe.eval] if recipe.eval.enabled else [])
+    for section in sources:
+        if section.prompts != "auto":  # a missing, huge, binary or empty file: refused now
+            load_prompts(section.prompts, section.num_prompts)
+
+
 def estimate_output_bytes(handle) -> int:
     """An upper bound on what --out will hold: every tensor of the pipeline (or the module) as
     loaded (the compressed transformer is smaller), plus the report's images (a few MB)."""
@@ -329,6 +349,7 @@ def run_recipe(
     for name, cfg in recipe.pass_specs():  # each pass's model-dependent rules, before any work
         if get_pass(name).check is not None:
             get_pass(name).check(handle, cfg)
+    _check_run_inputs(handle, recipe)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source,
                       need=estimate_output_bytes(handle))
@@ -349,12 +370,6 @@ def run_recipe(
     # in both, else a model with large buffers stores "more bits than fp32"
     orig_elems = orig_params + buffer_elements(tr)
     defaults = family_defaults(handle) if handle.pipeline is not None else {}
-    if defaults and recipe.calibration.capture_steps:
-        steps = recipe.calibration.steps or defaults["steps"]
-        late = [i for i in recipe.calibration.capture_steps if i >= steps]
-        if late:
-            raise UserError(f"calibration.capture_steps {late}: this run has {steps} steps "
-                            f"(indices 0..{steps - 1}); lower them or set calibration.steps")
     cache = Path(cache_dir) if cache_dir else None
 
     # calibration: the transformer's real inputs, captured once and cached
