@@ -179,7 +179,7 @@ def test_unknown_pass_in_the_manifest_refused(out):
 def test_too_little_free_space_refused_before_calibration(tmp_path, monkeypatch):
     import collections
 
-    import compress.io.save as save
+    from compress.io import save
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(save.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
