@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class GateFailed(Exception):
     """A quality gate of the recipe failed (the report is still written). Exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` of a foreign exception, for a one-line UserError."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}" if text else type(exc).__name__

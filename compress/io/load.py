@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.io import integrity
 from compress.io.integrity import inside
 from compress.io.manifest import MANIFEST, read_manifest
@@ -64,11 +64,6 @@ def own_memory_(obj) -> None:
                         m._buffers[name] = t.clone()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
-
-
 def _rebuild(module: torch.nn.Module, manifest: dict, tdir: Path, todo: str) -> None:
     """Run every pass's restore on ``module`` as the manifest says; any failure is one line."""
     from pydantic import ValidationError
@@ -94,7 +89,7 @@ def _rebuild(module: torch.nn.Module, manifest: dict, tdir: Path, todo: str) -> 
             raise
         except (AttributeError, LookupError, TypeError, ValueError, RuntimeError) as exc:
             raise UserError(f"{tdir}: passes[{i}] ({p['name']}) cannot be rebuilt on this "
-                            f"model ({_first_line(exc)}); {todo}") from None
+                            f"model ({first_line(exc)}); {todo}") from None
 
 
 def load_transformer(tdir: str | Path, device: str | torch.device = "cpu",
@@ -157,7 +152,7 @@ def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, devi
     try:
         module.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as exc:
-        raise UserError(f"{tdir}: {what} ({_first_line(exc)}); {todo}") from None
+        raise UserError(f"{tdir}: {what} ({first_line(exc)}); {todo}") from None
     still_meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
                   if t.device.type == "meta"]
     if still_meta:
@@ -202,7 +197,7 @@ def load_module(out: str | Path, module: torch.nn.Module,
             restore_prepared(module, manifest["prepared"])
         except (AttributeError, LookupError, TypeError, ValueError) as exc:
             raise UserError(f"{tdir}: the module cannot be prepared as the manifest says "
-                            f"({_first_line(exc)}); build it with the same config"
+                            f"({first_line(exc)}); build it with the same config"
                             ) from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     _rebuild(module, manifest, tdir, "build the module with the config it was compressed from "
@@ -249,7 +244,7 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: b
         try:
             pipe = DiffusionPipeline.from_pretrained(str(out), transformer=tr, use_safetensors=True)
         except Exception as exc:  # noqa: BLE001 - diffusers/transformers raise many types
-            raise UserError(f"{out}: a pipeline component does not load ({_first_line(exc)}); "
+            raise UserError(f"{out}: a pipeline component does not load ({first_line(exc)}); "
                             f"the output is damaged: `dit-compress verify {out}` names "
                             "the file, re-run the recipe") from None
         finally:

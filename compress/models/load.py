@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compress.errors import UserError
+from compress.errors import UserError, first_line
 from compress.models.base import ModelHandle
 
 MANIFEST = "compress_manifest.json"  # marks a dit-compress output (see compress.io.manifest)
@@ -222,9 +222,8 @@ def _refuse_missing_weights(transformer: torch.nn.Module, tdir: Path) -> None:
 
 
 def _load_error(where: Path, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
     return UserError(
-        f"{where}: diffusers could not load it ({type(exc).__name__}: {first}); "
+        f"{where}: diffusers could not load it ({first_line(exc, 200)}); "
         "check the directory is a complete diffusers checkpoint"
     )
 
