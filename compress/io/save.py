@@ -40,9 +40,7 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None, need: int 
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
     if need:
-        parent = out.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
+        parent = _existing_parent(out)
         free = shutil.disk_usage(parent).free
         if free < need:
             raise UserError(f"--out {out}: {free / 1e6:.0f} MB free in {parent}, the output may "
@@ -50,12 +48,18 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None, need: int 
                             "folder")
 
 
-def _check_writable(out: Path) -> None:
-    """The output goes to a temporary sibling of ``out``: its parent (or the nearest existing
-    ancestor, which the run would create the folders in) must take a new file."""
+def _existing_parent(out: Path) -> Path:
+    """``out``'s parent, or its nearest existing ancestor (the run creates the folders in it)."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
+    return parent
+
+
+def _check_writable(out: Path) -> None:
+    """The output goes to a temporary sibling of ``out``: its parent (or the nearest existing
+    ancestor) must take a new file."""
+    parent = _existing_parent(out)
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
     except OSError as exc:
