@@ -190,3 +190,10 @@ def test_too_little_free_space_refused_before_calibration(tmp_path, monkeypatch)
         compress.run_recipe(recipe, model=_net(), out=tmp_path / "o",
                             calibrate_fn=lambda m: called.append(1))
     assert not called and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("head", [[10**9, "0" * 64], ["x", 1], [-1, "0" * 64]])
+def test_resealed_file_entry_with_an_impossible_head_refused(out, head):
+    _edit_manifest(out, lambda m: m["files"][_weights(out).name].update(head=head))
+    with pytest.raises(UserError, match="head"):
+        compress.load_module(out, _net())

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import UserError
 
@@ -35,9 +35,16 @@ class PassEntry(_Strict):
 
 
 class FileEntry(_Strict):
-    size: int
+    size: int = Field(ge=0)
     sha256: str
     head: list[int | str] = Field(min_length=2, max_length=2)  # [bytes, SHA-256 of them]
+
+    @model_validator(mode="after")
+    def _head(self) -> FileEntry:
+        n, digest = self.head
+        if not (isinstance(n, int) and isinstance(digest, str) and 0 <= n <= self.size):
+            raise ValueError("head must be [bytes, SHA-256] with bytes within the file's size")
+        return self
 
 
 class SourceEntry(_Strict):
