@@ -5,7 +5,7 @@ output folder, size, SHA-256, and the SHA-256 of its head). The head is the part
 to decide what it loads: a safetensors file's header (names, dtypes, shapes, offsets), the
 whole of any file up to 1 MiB (configs, JSON, tokenizer files). Every load checks each file's
 size and head (cheap: a few MB read); ``verify=True`` or ``dit-compress verify`` hash whole
-files (0.68 s per GB here, more than 10% of a load: see README, Integrity). Every path read
+files (0.67 s per GB here, more than 10% of a load: see README, Integrity). Every path read
 from an output must stay inside the output folder.
 """
 
