@@ -280,3 +280,18 @@ def test_inference_on_diffusers_models_matches_the_family_rules(family):
     for name, _, role in adapter.weight_layers(tr):
         assert (role, st.roles[name]) == _KNOWN_DIFFERENCES.get(name, (role, role)), (
             name, st.reasons[name])
+
+
+def test_model_spec_selectors_checked_like_the_others():
+    # blank or uncompilable block selectors are refused when the recipe is read, as roles' are
+    for blocks in (["re:("], [""], ["  "]):
+        with pytest.raises(UserError, match="model.blocks"):
+            compress.recipe.validate({"name": "s", "passes": [{"ptq": {}}],
+                                      "model": {"blocks": blocks}})
+    with pytest.raises(UserError, match="model.roles"):
+        compress.recipe.validate({"name": "s", "passes": [{"ptq": {}}],
+                                  "model": {"roles": {"": "ff_in"}}})
+    # an exact layer name in roles that the model lacks is refused, not silently ignored
+    with pytest.raises(UserError, match="core.cells.0.lin_q"):
+        analyse_module(_tiny_shapedit(), _inputs(),
+                       spec=compress.ModelSpec(roles={"core.cells.0.lin_q": "ff_in"}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from compress.config import StrictModel, compile_selector
+from compress.config import StrictModel, check_selectors
 from compress.models.base import ROLES
 
 _ROLES = (*ROLES, "other")
@@ -30,7 +30,7 @@ class ModelSpec(StrictModel):
                 raise ValueError(f"roles[{sel!r}]: {role!r} is not a role ({', '.join(_ROLES)})")
             if sel in _ROLES:
                 raise ValueError(f"roles: the key {sel!r} is a role; name a layer or a 're:' regex")
-            compile_selector(sel, "roles")
+            check_selectors([sel], "roles")
         return v
 
     @field_validator("blocks")
@@ -38,4 +38,4 @@ class ModelSpec(StrictModel):
     def _blocks(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
             raise ValueError("blocks: give at least one name, or leave it out to find them")
-        return v
+        return v if v is None else check_selectors(v, "blocks")

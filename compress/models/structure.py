@@ -353,6 +353,12 @@ def analyse(root: nn.Module, call: Callable[[], Any] | None, batch: int | None,
             reasons[n] = (f"name hint -> {r}" if r else "no trace, no name hint")
         notes.append("no forward call to trace: roles from names only")
     # the spec wins; an exact name beats a regex whatever their order
+    unknown = [s for s in (roles_spec or {}) if not s.startswith("re:") and s not in layer_names]
+    if unknown:
+        from compress.errors import UserError
+
+        raise UserError(f"model.roles: {unknown[0]!r} is not a weight layer of this model (see "
+                        "`compress.inspect(module)` for the names)")
     for sel, role in sorted((roles_spec or {}).items(), key=lambda kv: kv[0].startswith("re:")):
         for n in layer_names:
             if matches(sel, n, "") and not reasons[n].startswith("set by the model spec ("):
