@@ -98,6 +98,45 @@ def test_cli_truncated_safetensors_exits_2(tiny_pipeline_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_out_that_is_a_mount_point_exits_2_before_any_work(tiny_pipeline_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    # a mount point cannot be renamed aside at the end (EBUSY): refused before calibration
+    import os
+
+    from compress import runner
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    monkeypatch.setattr(runner, "capture_calibration",
+                        lambda *a, **k: pytest.fail("calibration ran"))
+    src = str(tiny_pipeline_dir("pixart"))
+    capsys.readouterr()
+    code = main(["run", W8, "--model", src, "--out", str(out), *_sets()])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bars
+    assert code == 2
+    assert err.startswith("error: ") and "mount point" in err and str(out / "compressed") in err
+    assert out.is_dir() and not any(out.iterdir())
+    assert not list(tmp_path.glob(".mnt*"))
+
+
+def test_out_of_another_user_in_a_sticky_folder_refused(tmp_path, monkeypatch):
+    # in a sticky folder (like /tmp) only its owner may rename an entry, so it cannot be replaced
+    import os
+
+    from compress.errors import UserError
+    from compress.io.save import check_out_dir
+
+    sticky = tmp_path / "shared"
+    (sticky / "o").mkdir(parents=True)
+    sticky.chmod(0o1777)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(sticky).st_uid + 12345)
+    with pytest.raises(UserError, match="another user in the sticky folder"):
+        check_out_dir(sticky / "o", False, None)
+    check_out_dir(sticky / "new", False, None)  # a new folder in it is fine
+
+
 def test_cli_missing_model_and_inspect(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert main(["inspect", str(tiny_pipeline_dir("flux"))]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ def check_out_dir(out: Path, force: bool, source: Path | None = None, need: int 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     _check_writable(out)
+    _check_replaceable(out)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it")
     if need:
@@ -67,6 +69,23 @@ def _check_writable(out: Path) -> None:
                         "writable folder") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is renamed aside at the very end (write_output): refuse now what
+    cannot be renamed, instead of failing after all the work."""
+    if not out.is_dir() or out.is_symlink():  # a symlink is renamed itself, not its target
+        return
+    if os.path.ismount(out):
+        raise UserError(f"--out {out}: is a mount point, which cannot be replaced; name a new "
+                        f"folder inside it (e.g. --out {out / 'compressed'})")
+    # in a sticky folder (like /tmp) only the owner of an entry or of the folder may rename it
+    parent = out.absolute().parent
+    uid = getattr(os, "geteuid", lambda: 0)()
+    st = parent.stat()
+    if st.st_mode & stat.S_ISVTX and uid not in (0, st.st_uid, out.stat().st_uid):
+        raise UserError(f"--out {out}: belongs to another user in the sticky folder {parent}, "
+                        "so it cannot be replaced; choose another path")
 
 
 def save_transformer_weights(transformer: torch.nn.Module, tdir: Path) -> int:
