@@ -7,6 +7,8 @@
 
 __version__ = "0.1.0"
 
+# first: before anything can import diffusers (and with it bitsandbytes)
+import compress._peer_logs  # noqa: F401
 from compress.io.load import load_module, load_pipeline, load_transformer
 from compress.models.spec import ModelSpec
 from compress.recipe import Recipe, load_recipe
