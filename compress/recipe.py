@@ -24,7 +24,8 @@ class CalibrationConfig(Strict):
     """How calibration inputs are captured from the real pipeline."""
 
     prompts: str = Field("auto", min_length=1,
-                         description="prompt file, or 'auto' (demo captions / general prompts)")
+                         description="prompt file, 'auto' (demo captions / general prompts) or "
+                         "'random' (zero-data: random words from the tokenizer's vocabulary)")
     num_prompts: int = Field(8, ge=1, le=MAX_COUNT, description="how many prompts from the file")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS,
                               description="denoising steps (None: family default)")
@@ -171,8 +172,11 @@ def _fmt_errors(exc: ValidationError, prefix: tuple, where: str) -> str:
         if err["type"] == "extra_forbidden":
             msgs.append(f"{where}: unknown key '{loc}'")
         else:
-            msgs.append(f"{where}: '{loc}': {err['msg']}")
-    return "; ".join(msgs) + " (see README: Recipe keys)"
+            msg = " ".join(str(err["msg"]).split())  # one line, whatever value it quotes
+            if len(msg) > 300:  # a huge value echoed back is no help
+                msg = msg[:240] + " ... " + msg[-40:]
+            msgs.append(f"{where}: '{loc}': {msg}")
+    return "; ".join(msgs[:5]) + " (see README: Recipe keys)"
 
 
 def validate(raw: Any, where: str = "<recipe>") -> Recipe:
@@ -216,17 +220,15 @@ def validate(raw: Any, where: str = "<recipe>") -> Recipe:
 
 
 def _check_order(recipe: Recipe, where: str) -> None:
+    """Structural and training passes first, then storage-format passes (ptq, vq). Several
+    format passes may follow each other: each one takes only the layers still in full
+    precision (e.g. vq on the feed-forward layers, then ptq on attention)."""
     registry = all_passes()
     seen_format = None
     for i, (name, _) in enumerate(recipe.pass_specs()):
         kind = registry[name].kind
         if kind == "format":
-            if seen_format is not None:
-                raise UserError(
-                    f"{where}: 'passes.{i}': '{name}' after '{seen_format}': one storage-format "
-                    "pass (ptq or vq) per recipe"
-                )
-            seen_format = name
+            seen_format = seen_format or name
         elif seen_format is not None:
             raise UserError(
                 f"{where}: 'passes.{i}': '{name}' changes the model after '{seen_format}' "

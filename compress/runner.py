@@ -43,9 +43,13 @@ def family_defaults(handle) -> dict[str, Any]:
     return {"steps": 8, "guidance": None, "resolution": None}
 
 
-def resolve_prompts(spec: str, handle, kind: str, n: int) -> list[str]:
+def resolve_prompts(spec: str, handle, kind: str, n: int, seed: int = 0) -> list[str]:
     from compress.calib.prompts import load_prompts
 
+    if spec == "random":  # zero-data: no prompt file at all
+        from compress.calib.prompts import random_prompts
+
+        return random_prompts(handle.pipeline, n, seed)
     if spec == "auto":
         if _is_demo(handle):
             name = "demo_calibration.txt" if kind == "calibration" else "demo_eval.txt"
@@ -192,8 +196,28 @@ def _check_run_inputs(handle, recipe: Recipe) -> None:
 
     sources = [recipe.calibration] + ([recipe.eval] if recipe.eval.enabled else [])
     for section in sources:
-        if section.prompts != "auto":  # a missing, huge, binary or empty file: refused now
+        if section.prompts not in ("auto", "random"):  # a missing, huge, binary or empty file: refused now
             load_prompts(section.prompts, section.num_prompts)
+
+
+def check_format_overlap(handle, recipe: Recipe) -> None:
+    """Several storage-format passes (vq then ptq, say) must select disjoint layers: a layer
+    already quantised by one cannot be quantised again by the next. Refused before any work
+    (for an nn.Module: right after the trace that gives the roles)."""
+    from compress.targets import select
+
+    owner: dict[str, str] = {}
+    for i, (name, cfg) in enumerate(recipe.pass_specs()):
+        if get_pass(name).kind != "format" or not hasattr(cfg, "include"):
+            continue
+        picked = select(handle.adapter, handle.transformer, cfg.include, cfg.exclude,
+                        types=(nn.Linear, nn.Conv2d))
+        both = [n for n, _, _ in picked if n in owner]
+        if both:
+            raise UserError(f"passes.{i} ({name}) selects {len(both)} layer(s) that "
+                            f"{owner[both[0]]} already quantises (e.g. {both[0]}); give each "
+                            "layer to one pass with include/exclude")
+        owner.update({n: f"passes.{i} ({name})" for n, _, _ in picked})
 
 
 def estimate_output_bytes(handle) -> int:
@@ -238,7 +262,7 @@ def capture_calibration(handle, cc, defaults: dict, cache, device: str):
     """The recipe's calibration set of a pipeline: prompts resolved, family defaults filled."""
     from compress.calib.capture import capture
 
-    prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts)
+    prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts, cc.seed)
     return capture(
         handle, prompts,
         seeds=[cc.seed + i for i in range(len(prompts))],
@@ -350,6 +374,8 @@ def run_recipe(
         if get_pass(name).check is not None:
             get_pass(name).check(handle, cfg)
     _check_run_inputs(handle, recipe)
+    if handle.pipeline is not None:
+        check_format_overlap(handle, recipe)
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source,
                       need=estimate_output_bytes(handle))
@@ -388,6 +414,7 @@ def run_recipe(
             structure = analyse_module(tr, s0.args, s0.kwargs, spec)
         else:
             structure = analyse_module(tr, spec=spec)
+        check_format_overlap(handle, recipe)
     if any(get_pass(n).needs_calibration for n, _ in recipe.pass_specs()) and calib is None:
         raise UserError("this recipe's passes need calibration data: pass calibrate_fn= for an nn.Module")
 

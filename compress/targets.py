@@ -84,3 +84,29 @@ def resolve(table: dict[str, Any], name: str, role: str) -> Any | None:
         if matches(sel, name, role) and _RANK[_kind(sel)] > best_rank:
             best, best_rank = val, _RANK[_kind(sel)]
     return best
+
+
+def check_in_model(transformer: nn.Module, pass_name: str, types: tuple[type, ...],
+                   groups: dict[str, list[str]]) -> None:
+    """Before any work: every exact name and regex among a pass's selectors names a layer of
+    ``types`` in this model (one line naming the key, the selector and the nearest name)."""
+    import difflib
+
+    from compress.errors import UserError
+
+    kinds = "/".join(t.__name__ for t in types)
+    names = [n for n, m in transformer.named_modules() if isinstance(m, types)]
+    known = set(names)
+    for what, sels in groups.items():
+        for sel in sels:
+            if sel.startswith("re:"):
+                pat = re.compile(sel[3:])
+                if not any(pat.fullmatch(n) for n in names):
+                    raise UserError(f"{pass_name}.{what}: {sel!r} matches no {kinds} layer of "
+                                    "this model (`dit-compress inspect MODEL` lists them)")
+            elif sel not in ALL_ROLES and sel not in known:
+                near = difflib.get_close_matches(sel, [*ALL_ROLES, *names], n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise UserError(f"{pass_name}.{what}: {sel!r} is neither a role "
+                                f"({', '.join(ALL_ROLES)}) nor a {kinds} layer of this "
+                                f"model{hint}")

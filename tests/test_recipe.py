@@ -48,10 +48,11 @@ def test_bad_value_and_unknown_pass(tmp_path):
         load_recipe(p)
 
 
-def test_two_format_passes_refused(tmp_path):
-    p = _write(tmp_path, {"name": "x", "passes": [{"ptq": {}}, {"ptq": {}}]})
-    with pytest.raises(UserError, match="one storage-format pass"):
-        load_recipe(p)
+def test_several_format_passes_read(tmp_path):
+    # several format passes load; overlapping layer selections are refused at run time
+    # (tests/test_vq.py), a structural pass after them here
+    p = _write(tmp_path, {"name": "x", "passes": [{"vq": {"include": ["ff_in"]}}, {"ptq": {}}]})
+    assert [n for n, _ in load_recipe(p).pass_specs()] == ["vq", "ptq"]
 
 
 def test_overrides(tmp_path):

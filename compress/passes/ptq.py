@@ -13,8 +13,6 @@ image PSNR) and a bit allocation under an average-bits budget.
 
 from __future__ import annotations
 
-import difflib
-import re
 from typing import Annotated, Literal
 
 import torch
@@ -575,25 +573,12 @@ def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
 def check(handle, cfg: Config) -> None:
     """Before any work: every exact name and regex among the selectors names a Linear/Conv2d
     of this model; with known roles (a pipeline), include selects at least one layer."""
-    from compress.targets import ALL_ROLES
+    from compress.targets import check_in_model
 
-    names = [n for n, m in handle.transformer.named_modules() if isinstance(m, LAYER_TYPES)]
-    known = set(names)
     mp = cfg.mixed_precision
-    for what, sels in (("include", cfg.include), ("exclude", cfg.exclude),
-                       ("overrides", list(cfg.overrides)),
-                       ("mixed_precision.keep_high", mp.keep_high if mp else [])):
-        for sel in sels:
-            if sel.startswith("re:"):
-                pat = re.compile(sel[3:])
-                if not any(pat.fullmatch(n) for n in names):
-                    raise UserError(f"ptq.{what}: {sel!r} matches no Linear/Conv2d layer of this "
-                                    "model (`dit-compress inspect MODEL` lists them)")
-            elif sel not in ALL_ROLES and sel not in known:
-                near = difflib.get_close_matches(sel, [*ALL_ROLES, *names], n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                raise UserError(f"ptq.{what}: {sel!r} is neither a role ({', '.join(ALL_ROLES)}) "
-                                f"nor a layer of this model{hint}")
+    check_in_model(handle.transformer, "ptq", LAYER_TYPES, {
+        "include": cfg.include, "exclude": cfg.exclude, "overrides": list(cfg.overrides),
+        "mixed_precision.keep_high": mp.keep_high if mp else []})
     if handle.pipeline is None:
         return  # a module's roles come from the trace of the first calibration call
     chosen = select(handle.adapter, handle.transformer, cfg.include, cfg.exclude, types=LAYER_TYPES)
