@@ -66,4 +66,4 @@ def all_passes() -> dict[str, PassDef]:
 
 def _load_builtin() -> None:
     # explicit imports, no package walking: each module registers itself on import
-    from compress.passes import ptq  # noqa: F401
+    from compress.passes import ptq, vq  # noqa: F401

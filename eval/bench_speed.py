@@ -207,6 +207,40 @@ def v_ours_w8(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return swap(_bf16(master), lambda n, lin: QLinear.from_linear(lin, bits=8))
 
 
+def _ours_vq(master: nn.Module, dim: int, k: int) -> nn.Module:
+    """VQLinear on every block Linear. Codebooks and indices are random (speed does not depend
+    on their values; k-means on 28 blocks of XL weights would only lengthen the setup)."""
+    from compress.modules.vq_linear import VQLinear
+
+    g = torch.Generator().manual_seed(0)
+
+    def make(_n: str, lin: nn.Linear) -> nn.Module:
+        books = torch.randn(1, k, dim, generator=g) * 0.02
+        idx = torch.randint(0, k, (lin.out_features, lin.in_features // dim), generator=g)
+        return VQLinear.from_assignment(books, idx, lin.bias, None)
+
+    return swap(_bf16(master), make)
+
+
+def v_ours_vq2(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_vq(master, 4, 256)
+
+
+def v_ours_vq3(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_vq(master, 2, 64)
+
+
+def weight_mb(model: nn.Module) -> float:
+    """Resident bytes of the model's parameters and buffers, plus cached unpacked VQ indices."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers(),
+              *(m._unpacked for m in model.modules() if getattr(m, "_unpacked", None) is not None)]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "fp32": (v_fp32, "fp32 eager"),
     "bf16": (v_bf16, "bf16 eager"),
@@ -225,6 +259,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
     "ours-int4": (v_ours_int4, "Int4Linear weight-only (group 128)"),
     "ours-w8": (v_ours_w8, "QLinear int8 weight-only (dequantise per call)"),
+    "ours-vq2": (v_ours_vq2, "VQLinear 2 bits (d=4, 256 codewords), weight rebuilt per call"),
+    "ours-vq3": (v_ours_vq3, "VQLinear 3 bits (d=2, 64 codewords), weight rebuilt per call"),
 }
 
 
@@ -323,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             "name": name, "desc": desc, "ms": ms, "bf16_ms_same_session": bf_ms,
             "vs_bf16": vs_bf16, "vs_fp32": (ms / fp32_ms) if fp32_ms else None,
             "runs_ms": [round(v, 1) for v in ours], "setup_s": time.perf_counter() - t0,
+            "weights_mb": weight_mb(model),
         })
         print(f"  {name:26s} {ms:9.1f} ms  (bf16 alongside {bf_ms:8.1f} ms, "
-              f"paired ratio {vs_bf16:.2f}) "
+              f"paired ratio {vs_bf16:.2f}) weights {rows[-1]['weights_mb']:.0f} MB "
               f"setup {rows[-1]['setup_s']:.0f}s", flush=True)
         if model is not master and model is not bf16:
             del model
@@ -334,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     print()
-    print("| variant | ms/step | vs fp32 | vs bf16 (paired) | issue's figure |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | ms/step | vs fp32 | vs bf16 (paired) | weights MB | issue's figure |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         vf = f"{r['vs_fp32']:.2f}x" if r["vs_fp32"] else "-"
         issue = ISSUE_MS.get(r["name"])
         print(f"| {r['name']} | {r['ms']:.0f} | {vf} | {r['vs_bf16']:.2f}x | "
+              f"{r['weights_mb']:.0f} | "
               f"{issue if issue and blocks == 28 else '-'} |")
     if args.json:
         args.json.write_text(json.dumps({"blocks": blocks, "threads": args.threads,

@@ -163,9 +163,11 @@ def test_every_shipped_recipe_runs_on_own_module_and_reloads(recipe, tmp_path):
     work = copy.deepcopy(m)
     report = compress.run_recipe(recipe, model=work, calibrate_fn=_calibrate, out=tmp_path / "o",
                                  inplace=True)
-    p = report["passes"][0]
-    assert p["layers_quantized"] >= 8  # 4 attention/feed-forward Linears in each of 2 blocks
-    assert p["weights_quantized_and_used_fraction"] == pytest.approx(p["weights_quantized_fraction"])
+    # 4 attention/feed-forward Linears in each of 2 blocks, over one or more format passes
+    assert sum(p["layers_quantized"] for p in report["passes"]) >= 8
+    for p in report["passes"]:
+        assert p["weights_quantized_and_used_fraction"] == pytest.approx(
+            p["weights_quantized_fraction"])
     assert all(g["passed"] in (None, True) for g in report["gates"].values())
     fresh = compress.load_module(tmp_path / "o", _tiny_shapedit(seed=99))
     with torch.no_grad():

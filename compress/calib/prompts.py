@@ -225,3 +225,37 @@ def _load_dataset_dir(path: Path) -> list[str]:
     if bad is not None:
         raise UserError(f"dataset at {path}: column {col!r} holds {type(bad).__name__}, not text")
     return list(values)
+
+
+def _vocabulary_words(pipeline) -> list[str]:
+    """Whole words of the pipeline's tokenizer vocabularies (word-piece, sentence-piece and
+    byte-level markers stripped), sorted: the material of random prompts."""
+    words: set[str] = set()
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipeline, name, None) if pipeline is not None else None
+        vocab = getattr(tok, "get_vocab", None)
+        if vocab is None:
+            continue
+        for piece in vocab():
+            if piece.startswith("##"):
+                continue  # a word-piece continuation, not a word
+            w = piece.replace("\u2581", "").replace("\u0120", "").removesuffix("</w>")
+            if len(w) >= 3 and w.isascii() and w.isalpha():
+                words.add(w.lower())
+    return sorted(words)
+
+
+def random_prompts(pipeline, n: int, seed: int = 0) -> list[str]:
+    """``n`` prompts of 3 to 12 words drawn at random from the pipeline's tokenizer vocabulary
+    (zero-data calibration: random conditions, as random class labels are for a class-conditional
+    model; a class-conditional DiT maps each to a class by hash). Without a tokenizer the words
+    are random letter strings. Deterministic for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    words = _vocabulary_words(pipeline)
+    if len(words) < 100:
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9)))
+                 for _ in range(5000)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]

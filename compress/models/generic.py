@@ -110,6 +110,11 @@ def analyse_module(module: nn.Module, args: tuple | None = None, kwargs: dict | 
     return s
 
 
+def share_structure(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` (a deep copy of ``src``) the structure found on ``src``."""
+    _STRUCTURES[dst] = structure_of(src)
+
+
 class _GenericAdapter(FamilyAdapter):
     """Finds blocks and roles on the module at hand (structure and data flow, not names)."""
 
