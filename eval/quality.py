@@ -3,6 +3,11 @@ and evaluation prompts and seeds, then print one table.
 
     python eval/quality.py recipes/w8.yaml recipes/w4-g64.yaml --model demo
     python eval/quality.py recipes/w8a8.yaml --peers quanto-w8a8,quanto-w4,bnb-nf4 --num-prompts 64
+    python eval/quality.py recipes/vq-2bit.yaml recipes/vq-3bit.yaml eval/recipes/*.yaml \
+        --peers quanto-w2,quanto-w4                     # VQ against its baselines
+
+eval/recipes/ holds baselines that are not shipped schemes: scalar 2- and 3-bit GPTQ and plain
+k-means VQ without calibration (the VQ table's peers at the same bits).
 
 Columns: bits per weight, stored bytes, PSNR / SSIM / Fréchet distance against the original's
 images, prompt accuracy (demo), latency per denoising step, compression seconds. Every recipe

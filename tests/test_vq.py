@@ -22,7 +22,8 @@ from compress.quant.vq_calib import SoftVQLinear, calibrate
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["calibration.num_prompts=1", "calibration.steps=2", "eval.num_prompts=2", "eval.steps=2",
         "eval.latency_repeats=1"]
-FAST = ["passes.0.vq.iters=15", "passes.0.vq.calib_samples=4", "passes.0.vq.kmeans_iters=10"]
+FAST = ["passes.0.vq.iters=15", "passes.0.vq.calib_samples=4", "passes.0.vq.kmeans_iters=10",
+        "passes.0.vq.finetune.iters=5"]
 
 
 def _correlated_inputs(n: int, d_in: int, seed: int = 0) -> torch.Tensor:
@@ -163,12 +164,14 @@ def test_vq_2bit_every_family_reloads_bit_equal(family, tiny_pipeline_dir, tmp_p
     assert np.array_equal(images, report["_student_images"])
 
 
-@pytest.mark.parametrize("method", ["gptvq", "kmeans"])
-def test_other_methods_and_3bit_run(method, tiny_pipeline_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,init", [("gptvq", "gptvq"), ("kmeans", "kmeans"),
+                                         ("vq4dit", "kmeans")])
+def test_other_methods_and_3bit_run(method, init, tiny_pipeline_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
     report = compress.run_recipe(ROOT / "recipes" / "vq-3bit.yaml",
                                  model=str(tiny_pipeline_dir("pixart")), out=None,
-                                 overrides=TINY + FAST + [f"passes.0.vq.method={method}"])
+                                 overrides=TINY + FAST + [f"passes.0.vq.method={method}",
+                                                          f"passes.0.vq.init={init}"])
     p = report["passes"][0]
     assert p["dim"] == 2 and p["codebook_size"] == 64
     assert all(r["weight_sqnr_db"] > 5 for r in p["layers"] if "weight_sqnr_db" in r)
@@ -218,5 +221,7 @@ def test_vq_config_rules():
     with pytest.raises(ValueError):
         Config(bits=4)
     assert Config(dim=8, codebook_size=256).shape() == (8, 256)
+    with pytest.raises(ValueError, match="contradicts"):
+        Config(method="kmeans", init="gptvq")
     with pytest.raises(ValueError):
         Config.model_validate({"include": ["re:("]})

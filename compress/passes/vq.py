@@ -66,6 +66,9 @@ class Config(StrictModel):
     codebook_rows: int | None = Field(None, ge=1, le=1 << 20,
                                       description="output rows per codebook (null: one per layer)")
     method: Literal["vq4dit", "gptvq", "kmeans"] = "vq4dit"
+    init: Literal["kmeans", "gptvq"] = Field(
+        "kmeans", description="vq4dit: start from k-means' nearest codewords, or from GPTVQ's "
+        "Hessian-aware assignment")
     importance: Literal["hessian", "none"] = Field(
         "hessian", description="k-means weighted by the input Hessian's diagonal, or unweighted")
     kmeans_iters: int = Field(100, ge=1, le=10_000)
@@ -93,6 +96,9 @@ class Config(StrictModel):
         check_selectors(self.exclude, "exclude")
         if (self.dim is None) != (self.codebook_size is None):
             raise ValueError("give dim and codebook_size together (or neither, to use bits)")
+        if self.init == "gptvq" and self.method == "kmeans":
+            raise ValueError("init: gptvq with method: kmeans contradicts itself; use method: "
+                             "gptvq (no calibration) or init: kmeans")
         return self
 
     def shape(self) -> tuple[int, int]:
@@ -100,7 +106,8 @@ class Config(StrictModel):
         return (self.dim, self.codebook_size) if self.dim else PRESETS[self.bits]
 
     def needs_data(self) -> bool:
-        return self.method != "kmeans" or self.importance == "hessian" or bool(self.finetune)
+        return (self.method != "kmeans" or self.importance == "hessian" or bool(self.finetune)
+                or self.init == "gptvq")
 
 
 def layer_bits(out_f: int, in_f: int, cfg: Config) -> float:
@@ -228,11 +235,19 @@ def _init_layer(mod: nn.Linear, name: str, stats, cfg: Config):
     w = mod.weight.detach().float()
     h = stats["hessian"][name] if stats is not None else None
     seed = cfg.seed + (hash_name(name) % 1000)
-    if cfg.method == "gptvq":
+    imp = torch.diagonal(h) if h is not None and cfg.importance == "hessian" else None
+    if cfg.method == "gptvq" or cfg.init == "gptvq":
         books, idx = vq.gptvq(w, h, d, k, cfg.codebook_rows, cfg.kmeans_iters, seed, cfg.damp)
-        cand, dist = idx[..., None], torch.zeros(*idx.shape, 1)
+        if cfg.method == "gptvq":
+            cand, dist = idx[..., None], torch.zeros(*idx.shape, 1)
+        else:  # calibration starts from GPTVQ's choice, with the nearest codewords as rivals
+            cand, dist = vq.assign_nearest(w, books, cfg.codebook_rows, imp, cfg.candidates)
+            missing = ~(cand == idx[..., None]).any(-1)
+            cand[..., -1] = torch.where(missing, idx, cand[..., -1])
+            hit = cand == idx[..., None]
+            # its ratio starts three times its rivals' (ratios go as 1 / sqrt(distance))
+            dist = torch.where(hit, dist.min(-1, keepdim=True).values / 9, dist)
     else:
-        imp = torch.diagonal(h) if h is not None and cfg.importance == "hessian" else None
         books, _ = vq.init_codebooks(w, d, k, cfg.codebook_rows, imp, cfg.kmeans_iters, seed)
         n = cfg.candidates if cfg.method == "vq4dit" else 1
         cand, dist = vq.assign_nearest(w, books, cfg.codebook_rows, imp, n)
