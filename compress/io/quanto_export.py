@@ -242,7 +242,8 @@ def _plan(root: nn.Module) -> dict[str, nn.Module]:
             continue
         why = {"LowRankQLinear": "a 16-bit low-rank branch with int4 activations (W4A4) has no "
                "quanto equivalent", "W8A8FeedForward": "a fused int8 feed-forward is not an "
-               "nn.Linear quanto can replace"}
+               "nn.Linear quanto can replace", "VQLinear": "vector-quantised weights "
+               "(codebooks and indices) have no quanto equivalent"}
         raise _refuse(name, why.get(kind, f"{kind} has no quanto equivalent"),
                       "export weight-only int2/4/8 or fp8 Linear/Conv2d layers, or static "
                       "w8a8/w4a8")
