@@ -160,6 +160,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     for stage, names in bar:
         t0 = time.perf_counter()
         stats = _collect(handle, sub, stage, names, cfg) if sub is not None else None
+        originals = {n: tr.get_submodule(n).weight.detach().float().clone() for n in names}
         for n in names:
             soft[n] = _init_layer(tr.get_submodule(n), n, stats, cfg)
             set_submodule(tr, n, soft[n])
@@ -175,7 +176,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
                           "seconds": round(time.perf_counter() - t0, 3),
                           **({k: round(v, 6) for k, v in fit.items()} if fit else {})})
         for n in names:
-            rows.append(_layer_row(n, roles[n], soft[n], stats, teacher, tr, cfg))
+            rows.append(_layer_row(n, roles[n], soft[n], stats, originals[n], cfg))
     ft = _finetune(handle, sub, soft, final_ref, cfg) if cfg.finetune else None
 
     meta_layers = {}
@@ -350,16 +351,15 @@ def _finetune(handle, sub, soft: dict, refs: list[torch.Tensor], cfg: Config) ->
 
 
 @torch.no_grad()
-def _layer_row(name, role, m, stats, teacher, tr, cfg: Config) -> dict:
-    w_ref = (teacher.get_submodule(name).weight if teacher is not None else None)
+def _layer_row(name, role, m, stats, w_ref: torch.Tensor, cfg: Config) -> dict:
+    """Bits and errors of one layer as quantised now (codebook fine-tuning may move them)."""
     wq = m.weight().detach().float()
     row = {"layer": name, "role": role, "in": m.in_features, "out": m.out_features,
-           "bits": round(layer_bits(m.out_features, m.in_features, cfg), 4)}
-    if w_ref is not None:
-        row["weight_sqnr_db"] = round(sqnr_db(w_ref.float(), wq), 2)
-        x = stats["rows"].get(name) if stats is not None else None
-        if x is not None:
-            row["output_sqnr_db"] = round(sqnr_db(x @ w_ref.float().T, x @ wq.T), 2)
+           "bits": round(layer_bits(m.out_features, m.in_features, cfg), 4),
+           "weight_sqnr_db": round(sqnr_db(w_ref, wq), 2)}
+    x = stats["rows"].get(name) if stats is not None else None
+    if x is not None:
+        row["output_sqnr_db"] = round(sqnr_db(x @ w_ref.T, x @ wq.T), 2)
     return row
 
 
