@@ -160,7 +160,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     for stage, names in bar:
         t0 = time.perf_counter()
         stats = _collect(handle, sub, stage, names, cfg) if sub is not None else None
-        originals = {n: tr.get_submodule(n).weight.detach().float().clone() for n in names}
+        originals = {n: tr.get_submodule(n).weight.detach().float().cpu().clone() for n in names}
         for n in names:
             soft[n] = _init_layer(tr.get_submodule(n), n, stats, cfg)
             set_submodule(tr, n, soft[n])
@@ -233,8 +233,10 @@ def _init_layer(mod: nn.Linear, name: str, stats, cfg: Config):
     from compress.quant.vq_calib import SoftVQLinear
 
     d, k = cfg.shape()
-    w = mod.weight.detach().float()
-    h = stats["hessian"][name] if stats is not None else None
+    # the codebook maths runs on the CPU (observers keep Hessians there); the layer goes back
+    # to the weight's device
+    w = mod.weight.detach().float().cpu()
+    h = stats["hessian"][name].cpu() if stats is not None else None
     seed = cfg.seed + (hash_name(name) % 1000)
     imp = torch.diagonal(h) if h is not None and cfg.importance == "hessian" else None
     if cfg.method == "gptvq" or cfg.init == "gptvq":
@@ -252,7 +254,7 @@ def _init_layer(mod: nn.Linear, name: str, stats, cfg: Config):
         books, _ = vq.init_codebooks(w, d, k, cfg.codebook_rows, imp, cfg.kmeans_iters, seed)
         n = cfg.candidates if cfg.method == "vq4dit" else 1
         cand, dist = vq.assign_nearest(w, books, cfg.codebook_rows, imp, n)
-    return SoftVQLinear(books, cand, dist, mod.bias, cfg.codebook_rows).to(w.device)
+    return SoftVQLinear(books, cand, dist, mod.bias, cfg.codebook_rows).to(mod.weight.device)
 
 
 def hash_name(name: str) -> int:
@@ -353,7 +355,7 @@ def _finetune(handle, sub, soft: dict, refs: list[torch.Tensor], cfg: Config) ->
 @torch.no_grad()
 def _layer_row(name, role, m, stats, w_ref: torch.Tensor, cfg: Config) -> dict:
     """Bits and errors of one layer as quantised now (codebook fine-tuning may move them)."""
-    wq = m.weight().detach().float()
+    wq = m.weight().detach().float().cpu()
     row = {"layer": name, "role": role, "in": m.in_features, "out": m.out_features,
            "bits": round(layer_bits(m.out_features, m.in_features, cfg), 4),
            "weight_sqnr_db": round(sqnr_db(w_ref, wq), 2)}
