@@ -59,13 +59,14 @@ def _fname(func: Any) -> str:
     return getattr(func, "__name__", None) or str(func)
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested structure of tuples, lists and dicts (diffusers outputs are dicts)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
+        return [t for o in obj for t in tensors_in(o)]
     if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
+        return [t for o in obj.values() for t in tensors_in(o)]
     return []
 
 
@@ -93,7 +94,7 @@ class FlowTrace(TorchFunctionMode):
         return entry[1]
 
     def _set(self, out: Any, p: frozenset[int]) -> None:
-        for t in _tensors(out):
+        for t in tensors_in(out):
             try:
                 self._prov[id(t)] = (weakref.ref(t), p)
             except TypeError:  # pragma: no cover - tensors without weakref support
@@ -115,8 +116,8 @@ class FlowTrace(TorchFunctionMode):
 
     def _record(self, func, args, kwargs, out) -> None:
         name = _fname(func)
-        operands = [t for a in args for t in _tensors(a)] + \
-                   [t for v in kwargs.values() for t in _tensors(v)]
+        operands = [t for a in args for t in tensors_in(a)] + \
+                   [t for v in kwargs.values() for t in tensors_in(v)]
         provs = [self.prov(t) for t in operands]
         if func in _LAYER_FUNCS and len(args) >= 2 and id(args[1]) in self.layers:
             x = args[0]

@@ -124,6 +124,9 @@ def _chosen(handle, cfg: Config):
     chosen = select(handle.adapter, handle.transformer, cfg.include, cfg.exclude, types=(nn.Linear,))
     ok = [(n, m, r) for n, m, r in chosen if m.in_features % d == 0]
     skipped = [n for n, m, _ in chosen if m.in_features % d]
+    if not ok:
+        raise UserError(f"vq: no Linear layer matches include={cfg.include} exclude={cfg.exclude}"
+                        + (f" with inputs a multiple of dim {d}" if skipped else ""))
     return ok, skipped
 
 
@@ -136,9 +139,6 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     prepare = getattr(handle.adapter, "prepare", None)
     prepared = prepare(tr) if prepare is not None else []
     chosen, skipped = _chosen(handle, cfg)
-    if not chosen:
-        raise UserError(f"vq: no Linear layer matches include={cfg.include} exclude={cfg.exclude}"
-                        + (f" with inputs a multiple of {cfg.shape()[0]}" if skipped else ""))
     if cfg.needs_data() and (calib is None or len(calib) == 0):
         raise UserError("vq: method/importance/finetune need calibration data (or use "
                         "method: kmeans, importance: none)")
@@ -169,7 +169,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             layers = [soft[n] for n in names]
             fit = (_fit_block(handle, teacher, sub, stage, layers, cfg, bar) if stage is not None
                    else _fit_layers(layers, {n: stats["rows"].get(n) for n in names},
-                                    {n: teacher.get_submodule(n).weight for n in names}, cfg))
+                                    originals, cfg))
         for m in soft.values():
             m.hard = True
         per_block.append({"stage": stage or "(outside the blocks)", "layers": len(names),
@@ -265,7 +265,7 @@ def hash_name(name: str) -> int:
 
 
 def _fit_block(handle, teacher, sub, stage, layers, cfg: Config, bar) -> dict:
-    from compress.quant.vq_calib import _tensors, calibrate
+    from compress.quant.vq_calib import calibrate, output_tensors
 
     tr = handle.transformer
     block = tr.get_submodule(stage)
@@ -273,7 +273,7 @@ def _fit_block(handle, teacher, sub, stage, layers, cfg: Config, bar) -> dict:
     inputs = list(sub.block_inputs(tr, handle.adapter, stage))
     src = inputs if cfg.target == "block" else list(sub.block_inputs(teacher, handle.adapter, stage))
     with torch.no_grad():
-        refs = [[t.detach() for t in _tensors(ref_block(*a, **kw))] for a, kw in src]
+        refs = [[t.detach() for t in output_tensors(ref_block(*a, **kw))] for a, kw in src]
     frozen = [p for p in block.parameters() if p.requires_grad and
               not any(p is q for m in layers for q in (m.books, m.logits))]
     for p in frozen:
@@ -302,7 +302,7 @@ def _fit_layers(layers, rows: dict, weights: dict, cfg: Config) -> dict:
 
     out = {"loss_first": 0.0, "loss_last": 0.0, "frozen": 0.0}
     for m, (n, x) in zip(layers, rows.items()):
-        ref = [(x @ weights[n].detach().float().T + (m.bias_ if m.bias_ is not None else 0))]
+        ref = [(x @ weights[n].T + (m.bias_ if m.bias_ is not None else 0))]
         with torch.enable_grad():
             r = calibrate([m], lambda i, m=m, x=x: m(x), [ref], cfg.iters, cfg.lr_codebook,
                           cfg.lr_logits, cfg.reg, cfg.freeze_at, cfg.seed)
@@ -387,11 +387,7 @@ def check(handle, cfg: Config) -> None:
                    {"include": cfg.include, "exclude": cfg.exclude})
     if handle.pipeline is None:
         return  # a module's roles come from the trace of the first calibration call
-    chosen, skipped = _chosen(handle, cfg)
-    if not chosen:
-        raise UserError(f"vq: no Linear layer matches include={cfg.include} "
-                        f"exclude={cfg.exclude}" + (f" with inputs a multiple of dim "
-                                                    f"{cfg.shape()[0]}" if skipped else ""))
+    _chosen(handle, cfg)
 
 
 register_pass(PassDef(name="vq", config=Config, apply=apply, restore=restore, kind="format",

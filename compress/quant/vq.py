@@ -185,22 +185,6 @@ def assign_nearest(w: torch.Tensor, books: torch.Tensor, rows: int | None,
 
 
 @torch.no_grad()
-def update_codebooks(w: torch.Tensor, books: torch.Tensor, idx: torch.Tensor, rows: int | None,
-                     importance: torch.Tensor | None) -> torch.Tensor:
-    """Codebooks re-fitted to a fixed assignment: each codeword the (weighted) mean of its
-    sub-vectors; codewords with no sub-vector keep their value."""
-    out_f, in_f = w.shape
-    g, k, d = books.shape
-    sv = subvectors(w.float(), d).reshape(-1, d)
-    h = column_weights(importance, in_f, d).expand(out_f, -1, -1).reshape(-1, d)
-    flat = (idx.long() + (group_of_rows(out_f, rows) * k)[:, None]).reshape(-1)
-    num = torch.zeros(g * k, d).index_add_(0, flat, h * sv)
-    den = torch.zeros(g * k, d).index_add_(0, flat, h)
-    old = books.reshape(g * k, d).float()
-    return torch.where(den > 0, num / den.clamp_min(1e-30), old).view(g, k, d)
-
-
-@torch.no_grad()
 def gptvq(w: torch.Tensor, hessian: torch.Tensor, d: int, k: int, rows: int | None, iters: int,
           seed: int, damp: float = 0.01, block: int = 128
           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +211,7 @@ def gptvq(w: torch.Tensor, hessian: torch.Tensor, d: int, k: int, rows: int | No
     imp = 1 / torch.diagonal(u).pow(2)
     books, _ = init_codebooks(w, d, k, rows, imp, iters, seed)
     gid = group_of_rows(out_f, rows)
+    masks = [gid == gi for gi in range(books.shape[0])]
     table = books.reshape(-1, d)
     idx = torch.empty(out_f, in_f // d, dtype=torch.long)
     block = max(d, block - block % d)
@@ -240,8 +225,7 @@ def gptvq(w: torch.Tensor, hessian: torch.Tensor, d: int, k: int, rows: int | No
             x = wb[:, cols]
             hx = imp[b0 + j:b0 + j + d].expand(out_f, -1)
             a = torch.empty(out_f, dtype=torch.long)
-            for gi in range(books.shape[0]):
-                sel = gid == gi
+            for gi, sel in enumerate(masks):
                 a[sel] = nearest(x[sel], hx[sel], books[gi])[0][:, 0]
             q = table[a + gid * k]
             idx[:, (b0 + j) // d] = a

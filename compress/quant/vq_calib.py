@@ -25,7 +25,7 @@ class SoftVQLinear(nn.Module):
     """A Linear whose weight is built from codebooks and (soft or hard) candidate choices."""
 
     def __init__(self, books: torch.Tensor, cand: torch.Tensor, dist: torch.Tensor,
-                 bias: torch.Tensor | None, rows: int | None, temperature: float = 1.0) -> None:
+                 bias: torch.Tensor | None, rows: int | None) -> None:
         super().__init__()
         out_f, nv, n = cand.shape
         _, k, d = books.shape
@@ -36,7 +36,7 @@ class SoftVQLinear(nn.Module):
         # initial ratios inversely proportional to each candidate's distance (as VQ4DiT):
         # logits log(1 / dist) up to a constant
         r = dist.clamp_min(0).sqrt() + 1e-5 * dist.sqrt().mean().clamp_min(1e-12)
-        self.logits = nn.Parameter(-torch.log(r) / temperature if n > 1
+        self.logits = nn.Parameter(-torch.log(r) if n > 1
                                    else torch.zeros(out_f, nv, 1))
         self.register_buffer("frozen", torch.zeros(out_f, nv, dtype=torch.bool))
         self.register_buffer("bias_", None if bias is None else bias.detach().float().clone())
@@ -50,16 +50,18 @@ class SoftVQLinear(nn.Module):
             r = torch.where(mask[..., None], one, r)
         return r
 
+    def _best(self) -> torch.Tensor:
+        """Row of the flat codebook table each sub-vector's best candidate points at."""
+        return self.flat.gather(-1, self.logits.argmax(-1, keepdim=True))[..., 0]
+
     def choice(self) -> torch.Tensor:
         """Codeword index (within its codebook) of every sub-vector [out, in/d]."""
-        best = self.logits.argmax(-1, keepdim=True)
-        return (self.flat.gather(-1, best)[..., 0] % self.k)
+        return self._best() % self.k
 
     def weight(self) -> torch.Tensor:
         table = self.books.reshape(-1, self.dim)
         if self.hard:
-            best = self.flat.gather(-1, self.logits.argmax(-1, keepdim=True))[..., 0]
-            return table[best.reshape(-1)].view(self.out_features, self.in_features)
+            return table[self._best().reshape(-1)].view(self.out_features, self.in_features)
         cands = table[self.flat.reshape(-1)].view(*self.flat.shape, self.dim)
         w = (self.ratios()[..., None] * cands).sum(dim=-2)
         return w.reshape(self.out_features, self.in_features)
@@ -85,21 +87,15 @@ class SoftVQLinear(nn.Module):
         return F.linear(x, w, b)
 
 
-def _tensors(out) -> list[torch.Tensor]:
+def output_tensors(out) -> list[torch.Tensor]:
     """Floating tensors of a block's output (a tensor, or tuples/lists/dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    if hasattr(out, "to_tuple"):
-        return _tensors(out.to_tuple())
-    return []
+    from compress.models.trace import tensors_in
+
+    return [t for t in tensors_in(out) if t.is_floating_point()]
 
 
 def output_mse(out, ref: Sequence[torch.Tensor]) -> torch.Tensor:
-    got = _tensors(out)
+    got = output_tensors(out)
     if len(got) != len(ref):
         raise RuntimeError(f"the block returned {len(got)} tensors, its reference {len(ref)}")
     # each output counted relative to its own scale, so a small side output is not drowned
