@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps; default cpu)")
     p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root "
                    "(default $DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
+    p.add_argument("--resume", action="store_true",
+                   help="training passes (distill, learnable pruning) continue from the last "
+                   "checkpoint of an interrupted run of the same recipe on the same model")
 
     p = sub.add_parser("calibrate", help="capture calibration inputs into the cache")
     model_arg(p)
@@ -109,13 +112,15 @@ def _cmd_run(a) -> int:
 
     try:
         report = run_recipe(a.recipe, a.model, a.out, overrides=a.set, device=a.device,
-                            force=a.force, cache_dir=a.cache_dir)
+                            force=a.force, cache_dir=a.cache_dir, resume=a.resume)
     except GateFailed as exc:
         report = exc.args[1]
         print("\n".join(summary_lines(report)))
         print(f"wrote {a.out}")
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1
+    if "process_index" in report:  # a helper process of a distributed run: the main one reports
+        return 0
     print("\n".join(summary_lines(report)))
     print(f"wrote {a.out} (report: {Path(a.out) / 'report.html'})")
     return 0

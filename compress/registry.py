@@ -33,6 +33,11 @@ class PassDef:
     needs_calibration: whether apply reads the CalibrationSet (otherwise it may be None).
     check(handle, cfg) -> None: optional; raises UserError on what the config asks of this
         model that it cannot give (a selector naming no layer); run before any calibration.
+    needs_teacher: whether apply reads ``handle.teacher`` (a frozen copy of the original
+        transformer, made by the runner before the first pass).
+    data(cfg) -> dict | None: optional; calibration settings (prompts, num_prompts,
+        seeds_per_prompt, seed) of the pass's own data set, captured from the ORIGINAL pipeline
+        before any pass runs and given to apply as ``calib`` instead of the recipe's set.
     """
 
     name: str
@@ -42,6 +47,8 @@ class PassDef:
     kind: str
     needs_calibration: bool = True
     check: Callable[..., None] | None = None
+    needs_teacher: bool = False
+    data: Callable[..., dict | None] | None = None
 
 
 PASSES: dict[str, PassDef] = {}
@@ -66,4 +73,4 @@ def all_passes() -> dict[str, PassDef]:
 
 def _load_builtin() -> None:
     # explicit imports, no package walking: each module registers itself on import
-    from compress.passes import ptq, vq  # noqa: F401
+    from compress.passes import distill, prune_depth, ptq, vq  # noqa: F401

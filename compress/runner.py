@@ -258,11 +258,13 @@ def _holds_out_lock(fn):
     return wrapper
 
 
-def capture_calibration(handle, cc, defaults: dict, cache, device: str):
-    """The recipe's calibration set of a pipeline: prompts resolved, family defaults filled."""
+def capture_calibration(handle, cc, defaults: dict, cache, device: str, seeds_per_prompt: int = 1):
+    """The recipe's calibration set of a pipeline: prompts resolved, family defaults filled.
+    With ``seeds_per_prompt`` > 1 every prompt is sampled that many times, on its own seeds."""
     from compress.calib.capture import capture
 
     prompts = resolve_prompts(cc.prompts, handle, "calibration", cc.num_prompts, cc.seed)
+    prompts = [p for p in prompts for _ in range(seeds_per_prompt)]
     return capture(
         handle, prompts,
         seeds=[cc.seed + i for i in range(len(prompts))],
@@ -271,6 +273,59 @@ def capture_calibration(handle, cc, defaults: dict, cache, device: str):
         resolution=cc.resolution or defaults["resolution"],
         capture_steps=cc.capture_steps, cache_dir=cache, device=device,
     )
+
+
+def _distributed(device: str):
+    """accelerate's process state when this run is one of several processes (torchrun,
+    accelerate launch), else None (no process group is started for a single process)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=torch.device(device).type == "cpu")
+
+
+def _frozen_copy(tr: nn.Module) -> nn.Module:
+    import copy
+
+    from compress.models.generic import share_structure
+
+    teacher = copy.deepcopy(tr).eval().requires_grad_(False)
+    share_structure(tr, teacher)
+    return teacher
+
+
+def _checkpoint_dir(handle, recipe: Recipe, cache: Path | None) -> Path:
+    """Where training passes keep checkpoints: one folder per (model, recipe)."""
+    import hashlib
+
+    from compress.calib.capture import _model_hash
+    from compress.train.loop import checkpoint_root
+
+    key = hashlib.sha256(f"{_model_hash(handle)}:{recipe.hash()}".encode()).hexdigest()[:16]
+    return checkpoint_root(cache) / f"{recipe.name[:40]}-{key}"
+
+
+def _pass_data(handle, recipe: Recipe, calib, defaults: dict, cache, device: str, dist
+               ) -> dict[int, Any]:
+    """Each pass's own data set (``PassDef.data``), captured from the original pipeline before
+    any pass changes the model; a user's module has only its calibrate_fn set."""
+    out: dict[int, Any] = {}
+    for i, (name, cfg) in enumerate(recipe.pass_specs()):
+        fn = get_pass(name).data
+        want = fn(cfg) if fn is not None else None
+        if want is None or handle.pipeline is None:
+            continue
+        cc = recipe.calibration.model_copy(update={
+            "prompts": want.get("prompts", recipe.calibration.prompts),
+            "num_prompts": want.get("num_prompts", recipe.calibration.num_prompts),
+            "seed": want.get("seed", recipe.calibration.seed)})
+        reps = int(want.get("seeds_per_prompt", 1))
+        with dist.main_process_first() if dist else contextlib.nullcontext():
+            out[i] = capture_calibration(handle, cc, defaults, cache, device, reps)
+    return out
 
 
 @_holds_out_lock
@@ -288,6 +343,7 @@ def run_recipe(
     device: str = "cpu",
     force: bool = False,
     cache_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run a recipe on a model, write the output directory, return the report.
 
@@ -314,7 +370,10 @@ def run_recipe(
         overrides: ``a.b.c=value`` strings applied to the recipe.
         device: torch device for calibration, passes and evaluation.
         force: replace a non-empty ``out``.
-        cache_dir: root of the calibration and teacher-image caches.
+        cache_dir: root of the calibration and teacher-image caches (and of training
+            checkpoints, under ``train/``).
+        resume: training passes (distill, learnable pruning) continue from their last
+            checkpoint of an interrupted run with the same recipe and model.
 
     Returns:
         The report (the content of report.json). Raises GateFailed after writing the output
@@ -376,6 +435,9 @@ def run_recipe(
     _check_run_inputs(handle, recipe)
     if handle.pipeline is not None:
         check_format_overlap(handle, recipe)
+    dist = _distributed(device)
+    if dist is not None and not dist.is_main_process:
+        out = None  # only the main process of a distributed run writes (and locks) --out
     if out is not None:
         check_out_dir(Path(out), force, None if _is_demo(handle) else handle.source,
                       need=estimate_output_bytes(handle))
@@ -402,7 +464,8 @@ def run_recipe(
     calib = None
     cc = recipe.calibration
     if handle.pipeline is not None:
-        calib = capture_calibration(handle, cc, defaults, cache, device)
+        with dist.main_process_first() if dist else contextlib.nullcontext():
+            calib = capture_calibration(handle, cc, defaults, cache, device)
     elif calibrate_fn is not None:
         calib = capture_generic(tr, calibrate_fn)
     structure = None
@@ -441,18 +504,30 @@ def run_recipe(
         teacher = teacher_images(handle, eval_prompts, eval_seeds, cache_dir=cache, **gen_args)
     base_latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
 
+    pass_data = _pass_data(handle, recipe, calib, defaults, cache, device, dist)
+    if any(get_pass(n).needs_teacher for n, _ in recipe.pass_specs()):
+        handle.teacher = _frozen_copy(tr)
+    handle.run = {"device": device, "cache": cache, "resume": resume,
+                  "checkpoints": (_checkpoint_dir(handle, recipe, cache)
+                                  if handle.teacher is not None else None)}
     pass_entries, manifest_passes = [], []
-    for name, cfg in recipe.pass_specs():
+    for i, (name, cfg) in enumerate(recipe.pass_specs()):
         defn = get_pass(name)
         log.info("pass %s", name)
         t0 = time.perf_counter()
-        result = defn.apply(handle, calib, cfg)
+        handle.run["pass_index"] = i
+        result = defn.apply(handle, pass_data.get(i, calib), cfg)
         secs = time.perf_counter() - t0
         pass_entries.append({"name": name, "seconds": round(secs, 3), **result.report})
         manifest_passes.append({"name": name, "config": cfg.model_dump(mode="json"),
                                 "meta": result.meta})
+    handle.teacher = None
     tr = handle.transformer
     tr.eval()
+    if dist is not None and not dist.is_main_process:
+        # the other processes of a distributed run helped train; the main one evaluates and saves
+        dist.wait_for_everyone()
+        return {"schema": 1, "passes": pass_entries, "process_index": dist.process_index}
 
     quality: dict[str, Any] = {"psnr_vs_teacher": None, "ssim_vs_teacher": None,
                                "prompt_accuracy": None, "teacher_prompt_accuracy": None}
@@ -513,6 +588,13 @@ def run_recipe(
             force=force,
         )
     report["_student_images"] = student
+    if dist is not None:
+        dist.wait_for_everyone()
+    ckpts = handle.run.get("checkpoints")
+    if ckpts is not None and Path(ckpts).is_dir():
+        import shutil
+
+        shutil.rmtree(ckpts, ignore_errors=True)  # the run is complete: nothing to resume
     failed = [k for k, g in report["gates"].items() if g["passed"] is False]
     if failed:
         raise GateFailed(

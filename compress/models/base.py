@@ -91,10 +91,22 @@ class ModelHandle:
     source_hash: str | None = None
     calibrate_fn: Callable[[nn.Module], None] | None = None
     sample_fn: Callable[[nn.Module, list[int]], Any] | None = None
+    # for training passes: the original transformer (frozen), set by the runner when a pass
+    # needs it; which original block each current block came from (structural passes keep it)
+    teacher: nn.Module | None = None
+    origin: dict[str, str] | None = None
+    # run options the passes may read: device, cache root, resume, checkpoint folder
+    run: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
         return self.adapter.name
+
+    def block_origin(self) -> dict[str, str]:
+        """Current block name -> the original block it came from (identity when unpruned)."""
+        if self.origin is not None:
+            return dict(self.origin)
+        return {n: n for n, _ in self.adapter.blocks(self.transformer)}
 
     def params(self) -> int:
         return sum(p.numel() for p in self.transformer.parameters())

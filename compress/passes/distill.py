@@ -1,0 +1,192 @@
+"""distill: the compressed transformer learns the original's predictions on its own trajectories.
+
+Data: prompts, timesteps and noisy latents sampled from the ORIGINAL pipeline before any pass
+changes it (``data``: more prompts than PTQ needs, several seeds per prompt; cached like
+calibration sets); a user's module trains on what its calibrate_fn feeds it. No image data set.
+
+Modes:
+- ``kd``: output loss (relative MSE to the original's prediction) plus feature losses between
+  mapped blocks: each remaining block reproduces the original's hidden state at the end of the
+  span it stands for (after depth pruning, the blocks up to the next kept one), with the
+  original's massive activations masked out as TinyFusion's masked distillation does.
+- ``intervals``: PPCL's mode: only blocks that stand for several original blocks train, each on
+  the original's hidden states at its interval's ends, independently of the others.
+
+Training runs on accelerate (one process, or several under torchrun / accelerate launch),
+checkpoints every ``checkpoint_every`` steps and continues with ``--resume``; optional low-rank
+adapters are merged into the weights at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.config import MAX_COUNT, StrictModel
+from compress.errors import UserError
+from compress.registry import PassDef, PassResult, register_pass
+from compress.train import kd
+from compress.train.loop import TrainSettings, autocast, info_of, train
+
+
+class Data(StrictModel):
+    """The distillation set, sampled from the original pipeline (cached)."""
+
+    prompts: str = Field("auto", min_length=1, description="prompt file or 'auto' (the "
+                         "calibration prompts: the demo's captions, general prompts otherwise)")
+    num_prompts: int = Field(64, ge=1, le=MAX_COUNT, description="prompts from the file")
+    seeds_per_prompt: int = Field(4, ge=1, le=1000, description="trajectories per prompt")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the first trajectory")
+
+
+class Lora(StrictModel):
+    """Low-rank adapters on the blocks' Linear layers instead of full fine-tuning."""
+
+    rank: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0, le=1e6)
+
+
+class Config(StrictModel):
+    """distill pass configuration."""
+
+    mode: Literal["kd", "intervals"] = "kd"
+    steps: int = Field(1000, ge=1, le=10_000_000, description="optimiser steps")
+    batch: int = Field(8, ge=1, le=65536, description="samples (transformer calls) per step, "
+                       "over all processes")
+    lr: float = Field(1e-4, gt=0, le=1)
+    warmup: int = Field(50, ge=0, le=10_000_000)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6)
+    output_weight: float = Field(1.0, ge=0, le=1e6, description="kd: output loss weight")
+    feature_weight: float = Field(1.0, ge=0, le=1e6, description="kd: feature loss weight")
+    mask_sigma: float | None = Field(4.0, gt=0, le=1e6, description="feature loss ignores the "
+                                     "original's entries beyond this many std (null: none)")
+    train: Literal["all", "blocks"] = Field("all", description="which weights learn (lora: "
+                                            "only the adapters)")
+    lora: Lora | None = None
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a CUDA device that has it, else fp32")
+    checkpoint_every: int = Field(100, ge=0, le=10_000_000, description="steps between "
+                                  "checkpoints (0: none)")
+    data: Data = Field(default_factory=Data)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+def _params(tr: nn.Module, blocks: list[str], cfg: Config) -> list[tuple[str, nn.Parameter]]:
+    tr.requires_grad_(False)
+    if cfg.lora is not None:
+        lin = [f"{b}.{n}" for b in blocks for n, m in tr.get_submodule(b).named_modules()
+               if isinstance(m, nn.Linear)]
+        params = kd.add_lora(tr, lin, cfg.lora.rank, cfg.lora.alpha, cfg.seed)
+    elif cfg.train == "blocks":
+        params = [(f"{b}.{n}", p) for b in blocks for n, p in tr.get_submodule(b).named_parameters()]
+    else:
+        params = list(tr.named_parameters())
+    for _, p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def apply(handle, calib, cfg: Config) -> PassResult:
+    tr, ad, teacher = handle.transformer, handle.adapter, handle.teacher
+    if teacher is None:
+        raise RuntimeError("distill needs the runner's copy of the original transformer")
+    dev = handle.run.get("device", "cpu")
+    origin = handle.block_origin()
+    s_blocks = [n for n, _ in ad.blocks(tr)]
+    t_blocks = [n for n, _ in ad.blocks(teacher)]
+    kept = [origin[b] for b in s_blocks]
+    targets = kd.feature_targets(t_blocks, kept)
+    if cfg.mode == "intervals":
+        pairs = [(s, k, t) for s, k, t in zip(s_blocks, kept, targets) if t != k]
+        if not pairs:
+            raise UserError("distill mode intervals: no block stands for an interval of removed "
+                            "blocks (run prune_depth first, e.g. method: intervals)")
+        trained_blocks = [s for s, _, _ in pairs]
+    else:
+        pairs = list(zip(s_blocks, kept, targets))
+        trained_blocks = s_blocks
+    params = _params(tr, trained_blocks if cfg.mode == "intervals" else s_blocks, cfg)
+    if cfg.mode == "intervals" and cfg.lora is None:
+        params = [(n, p) for n, p in params if any(n.startswith(b + ".") for b in trained_blocks)]
+    t_taps = kd.Taps(teacher, sorted({t for _, _, t in pairs}),
+                     inputs=[k for _, k, _ in pairs] if cfg.mode == "intervals" else (),
+                     detach=True)
+    s_taps = kd.Taps(tr, s_blocks) if cfg.mode == "kd" and cfg.feature_weight > 0 else None
+
+    def loss_fn(i: int, step: int):
+        smp = calib.sample(i).to(dev)
+        t_taps.clear()
+        with torch.no_grad():
+            t_out = ad.call(teacher, smp.args, smp.kwargs)
+        parts = {}
+        with autocast(dev, cfg.precision):
+            if cfg.mode == "intervals":
+                terms = []
+                for s, k, t in pairs:
+                    a, kw = t_taps.inp[k]
+                    out = [x for x in kd.tensors_in(tr.get_submodule(s)(*a, **kw))
+                           if x.is_floating_point()]
+                    terms.append(kd.feature_loss(out, t_taps.out[t], None))
+                loss = torch.stack(terms).sum()
+                parts["intervals"] = float(loss)
+            else:
+                if s_taps is not None:
+                    s_taps.clear()
+                s_out = ad.call(tr, smp.args, smp.kwargs)
+                out_l = kd.masked_mse(s_out, t_out, None)
+                loss = cfg.output_weight * out_l
+                parts["output"] = float(out_l)
+                if s_taps is not None:
+                    feat = torch.stack([kd.feature_loss(s_taps.out[s], t_taps.out[t],
+                                                        cfg.mask_sigma)
+                                        for s, _, t in pairs]).mean()
+                    loss = loss + cfg.feature_weight * feat
+                    parts["features"] = float(feat)
+        return loss, parts
+
+    s = TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup,
+                      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                      checkpoint_every=cfg.checkpoint_every)
+    ckpt = handle.run.get("checkpoints")
+    blocks = [tr.get_submodule(b) for b in trained_blocks]
+    tr.train()
+    try:
+        with kd.checkpointed(blocks, cfg.gradient_checkpointing) if cfg.mode == "kd" \
+                else contextlib.nullcontext():
+            res = train(params, loss_fn, len(calib), s,
+                        ckpt_dir=(ckpt / f"pass{handle.run.get('pass_index', 0)}-distill"
+                                  if ckpt is not None else None),
+                        resume=bool(handle.run.get("resume")), desc=f"distill {cfg.mode}",
+                        tag=f"{cfg.mode}:{','.join(kept)}")
+    finally:
+        t_taps.remove()
+        if s_taps is not None:
+            s_taps.remove()
+        tr.eval()
+    merged = kd.merge_lora(tr)
+    tr.requires_grad_(False)
+    report = {"mode": cfg.mode, "samples": len(calib), "trained_params": sum(p.numel() for _, p
+                                                                               in params),
+              "lora_merged": merged, "feature_pairs": {s: t for s, _, t in pairs},
+              **info_of(res, s),
+              "loss_parts_last": {k: sum(v[-20:]) / len(v[-20:]) for k, v in res.parts.items()
+                                  if v}}
+    return PassResult(meta={}, report=report)
+
+
+def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
+    """Distillation changes weight values only: nothing to rebuild."""
+
+
+def data(cfg: Config) -> dict:
+    return cfg.data.model_dump()
+
+
+register_pass(PassDef(name="distill", config=Config, apply=apply, restore=restore,
+                      kind="weights", needs_teacher=True, data=data))
