@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 # generous ceilings: far above any real use, low enough that a typo (1e9 steps) is refused
 MAX_STEPS = 1000
 MAX_COUNT = 100_000  # prompts, samples, repeats
+MAX_TRAIN_STEPS = 10_000_000  # optimiser steps of a training pass (distillation runs long)
 MAX_SEED = 2**32 - 1  # numpy / torch generators take 32- or 64-bit seeds; keep the portable range
 
 

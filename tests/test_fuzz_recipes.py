@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress.config import MAX_COUNT, MAX_SEED
+from compress.config import MAX_COUNT, MAX_SEED, MAX_TRAIN_STEPS
 from compress.errors import UserError
 from compress.recipe import KNOWN_FIGURES, MAX_DEPTH, load_recipe, parse_gate, validate
 from compress.registry import all_passes
@@ -52,7 +52,10 @@ def assert_valid(recipe) -> None:
         if path.startswith(".gates."):
             continue  # a gate threshold is any finite figure (a drop of -0.5 is a gain)
         assert 0 <= x <= MAX_SEED, (path, x)  # nothing documented is negative or beyond a seed
-        if not path.endswith("seed"):
+        if path.startswith(".passes.") and ".distill." in path and path.rsplit(".", 1)[-1] in (
+                "steps", "warmup", "checkpoint_every"):
+            assert x <= MAX_TRAIN_STEPS, (path, x)  # training runs may be long
+        elif not path.endswith("seed"):
             assert x <= MAX_COUNT, (path, x)
     assert d["name"].strip()
     assert d["passes"], "an empty pass list is refused"

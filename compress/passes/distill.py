@@ -26,10 +26,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.config import MAX_COUNT, StrictModel
+from compress.config import MAX_COUNT, MAX_TRAIN_STEPS, StrictModel
 from compress.errors import UserError
 from compress.registry import PassDef, PassResult, register_pass
-from compress.train import kd
+from compress.train import batches, kd
 from compress.train.loop import TrainSettings, autocast, info_of, train
 
 
@@ -54,11 +54,11 @@ class Config(StrictModel):
     """distill pass configuration."""
 
     mode: Literal["kd", "intervals"] = "kd"
-    steps: int = Field(1000, ge=1, le=10_000_000, description="optimiser steps")
+    steps: int = Field(1000, ge=1, le=MAX_TRAIN_STEPS, description="optimiser steps")
     batch: int = Field(8, ge=1, le=65536, description="samples (transformer calls) per step, "
                        "over all processes")
     lr: float = Field(1e-4, gt=0, le=1)
-    warmup: int = Field(50, ge=0, le=10_000_000)
+    warmup: int = Field(50, ge=0, le=MAX_TRAIN_STEPS)
     weight_decay: float = Field(0.0, ge=0, le=10)
     grad_clip: float | None = Field(1.0, gt=0, le=1e6)
     output_weight: float = Field(1.0, ge=0, le=1e6, description="kd: output loss weight")
@@ -71,7 +71,9 @@ class Config(StrictModel):
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on a CUDA device that has it, else fp32")
-    checkpoint_every: int = Field(100, ge=0, le=10_000_000, description="steps between "
+    micro_batch: int = Field(0, ge=0, le=65536, description="samples per forward call "
+                             "(0: a process's whole share of the batch; lower it to save memory)")
+    checkpoint_every: int = Field(100, ge=0, le=MAX_TRAIN_STEPS, description="steps between "
                                   "checkpoints (0: none)")
     data: Data = Field(default_factory=Data)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -119,11 +121,20 @@ def apply(handle, calib, cfg: Config) -> PassResult:
                      detach=True)
     s_taps = kd.Taps(tr, s_blocks) if cfg.mode == "kd" and cfg.feature_weight > 0 else None
 
-    def loss_fn(i: int, step: int):
-        smp = calib.sample(i).to(dev)
+    stacked = batches.stacking_works(lambda a, k: ad.call(teacher, a, k),
+                                     [calib.sample(i).to(dev) for i in range(min(3, len(calib)))])
+
+    def calls(idx: list[int]) -> list[tuple[tuple, dict, list[int] | None]]:
+        smps = [calib.sample(i).to(dev) for i in idx]
+        st = batches.stack(smps) if stacked else None
+        if st is not None:
+            return [(*st, batches.sizes(smps))]
+        return [(x.args, x.kwargs, None) for x in smps]
+
+    def one_call(args, kwargs, rows) -> tuple[torch.Tensor, dict[str, float]]:
         t_taps.clear()
         with torch.no_grad():
-            t_out = ad.call(teacher, smp.args, smp.kwargs)
+            t_out = ad.call(teacher, args, kwargs)
         parts = {}
         with autocast(dev, cfg.precision):
             if cfg.mode == "intervals":
@@ -132,27 +143,37 @@ def apply(handle, calib, cfg: Config) -> PassResult:
                     a, kw = t_taps.inp[k]
                     out = [x for x in kd.tensors_in(tr.get_submodule(s)(*a, **kw))
                            if x.is_floating_point()]
-                    terms.append(kd.feature_loss(out, t_taps.out[t], None))
+                    terms.append(kd.feature_loss(out, t_taps.out[t], None, rows))
                 loss = torch.stack(terms).sum()
                 parts["intervals"] = float(loss)
-            else:
-                if s_taps is not None:
-                    s_taps.clear()
-                s_out = ad.call(tr, smp.args, smp.kwargs)
-                out_l = kd.masked_mse(s_out, t_out, None)
-                loss = cfg.output_weight * out_l
-                parts["output"] = float(out_l)
-                if s_taps is not None:
-                    feat = torch.stack([kd.feature_loss(s_taps.out[s], t_taps.out[t],
-                                                        cfg.mask_sigma)
-                                        for s, _, t in pairs]).mean()
-                    loss = loss + cfg.feature_weight * feat
-                    parts["features"] = float(feat)
+                return loss, parts
+            if s_taps is not None:
+                s_taps.clear()
+            s_out = ad.call(tr, args, kwargs)
+            out_l = kd.per_sample(s_out, t_out, None, rows)
+            loss = cfg.output_weight * out_l
+            parts["output"] = float(out_l)
+            if s_taps is not None:
+                feat = torch.stack([kd.feature_loss(s_taps.out[s], t_taps.out[t], cfg.mask_sigma,
+                                                    rows) for s, _, t in pairs]).mean()
+                loss = loss + cfg.feature_weight * feat
+                parts["features"] = float(feat)
         return loss, parts
+
+    def loss_fn(idx: list[int], step: int):
+        todo = calls(idx)
+        losses, parts = [], {}
+        for a, kw, rows in todo:
+            loss, p = one_call(a, kw, rows)
+            w = len(rows) if rows else 1  # a stacked call's loss is the mean of its samples'
+            losses.append(loss * w)
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v * w / len(idx)
+        return torch.stack(losses).sum() / len(idx), parts
 
     s = TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                      checkpoint_every=cfg.checkpoint_every)
+                      checkpoint_every=cfg.checkpoint_every, micro=cfg.micro_batch)
     ckpt = handle.run.get("checkpoints")
     blocks = [tr.get_submodule(b) for b in trained_blocks]
     tr.train()
@@ -171,7 +192,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         tr.eval()
     merged = kd.merge_lora(tr)
     tr.requires_grad_(False)
-    report = {"mode": cfg.mode, "samples": len(calib), "trained_params": sum(p.numel() for _, p
+    report = {"mode": cfg.mode, "samples": len(calib), "stacked_calls": stacked, "trained_params": sum(p.numel() for _, p
                                                                                in params),
               "lora_merged": merged, "feature_pairs": {s: t for s, _, t in pairs},
               **info_of(res, s),

@@ -109,7 +109,8 @@ def learn(handle, samples, blocks: list[str], pairing: dict[str, list[int | None
           targets: dict[str, int], removable: set[str], cfg, report: dict) -> list[str]:
     """Train the group choices (and adapters) and return the blocks to remove."""
     from compress.modules.swap import set_submodule
-    from compress.train.kd import LoRALinear, add_lora, containers
+    from compress.train import batches
+    from compress.train.kd import LoRALinear, add_lora, containers, per_sample
     from compress.train.loop import TrainSettings, info_of, train
 
     lc = cfg.learnable
@@ -134,16 +135,23 @@ def learn(handle, samples, blocks: list[str], pairing: dict[str, list[int | None
     masked = MaskedBlocks(tr, {b: pairing[b] for b in in_groups})
     tau = [lc.tau_start]
 
-    def loss_fn(i: int, step: int):
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 100_003 + i)
+    stacked = batches.stacking_works(lambda a, k: ad.call(tr, a, k), data[:3])
+
+    def loss_fn(idx: list[int], step: int):
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 100_003 + idx[0])
         masks = {}
         for c in choices:
             masks.update(c.masks(tau[0], gen))
         masked.mask = masks
-        out = ad.call(tr, data[i].args, data[i].kwargs)
-        ref = refs[i]
-        loss = (out.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
-        return loss, {}
+        smps = [data[i] for i in idx]
+        st = batches.stack(smps) if stacked else None
+        todo = [(st, torch.cat([refs[i] for i in idx]), batches.sizes(smps))] if st is not None \
+            else [((s.args, s.kwargs), refs[i], None) for s, i in zip(smps, idx)]
+        losses = []
+        for (a, kw), ref, rows in todo:
+            w = len(rows) if rows else 1
+            losses.append(per_sample(ad.call(tr, a, kw), ref, None, rows) * w)
+        return torch.stack(losses).sum() / len(idx), {}
 
     def on_step(step: int) -> None:
         tau[0] = temperature(step, lc.steps, lc.tau_start, lc.tau_end)

@@ -83,10 +83,20 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, sigma: float | None
     return ((s - t).pow(2) * keep).sum() / keep.sum().clamp_min(1.0) / scale
 
 
+def per_sample(a: torch.Tensor, b: torch.Tensor, sigma: float | None,
+               sizes: list[int] | None) -> torch.Tensor:
+    """:func:`masked_mse` of each stacked sample (rows ``sizes`` along dim 0), averaged, so that
+    a loss does not depend on which samples share a forward call."""
+    if not sizes or len(sizes) == 1 or a.dim() == 0 or a.shape[0] != sum(sizes):
+        return masked_mse(a, b, sigma)
+    return torch.stack([masked_mse(x, y, sigma) for x, y in
+                        zip(a.split(sizes), b.split(sizes))]).mean()
+
+
 def feature_loss(s_out: list[torch.Tensor], t_out: list[torch.Tensor],
-                 sigma: float | None) -> torch.Tensor:
+                 sigma: float | None, sizes: list[int] | None = None) -> torch.Tensor:
     """Masked relative MSE summed over the tensors a block returns (same shapes paired)."""
-    terms = [masked_mse(a, b, sigma) for a, b in zip(s_out, t_out) if a.shape == b.shape]
+    terms = [per_sample(a, b, sigma, sizes) for a, b in zip(s_out, t_out) if a.shape == b.shape]
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).mean()

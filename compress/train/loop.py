@@ -50,6 +50,7 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 0  # 0: no checkpoints
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
+    micro: int = 0  # samples per forward call (0: all of a process's share of the batch)
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _load(ckpt: Path, params, opt: torch.optim.Optimizer, fp: str) -> tuple[dict
 
 def train(
     named_params: list[tuple[str, torch.nn.Parameter]],
-    loss_fn: Callable[[int, int], tuple[torch.Tensor, dict[str, float]]],
+    loss_fn: Callable[[list[int], int], tuple[torch.Tensor, dict[str, float]]],
     n_samples: int,
     s: TrainSettings,
     *,
@@ -154,11 +155,12 @@ def train(
     on_step: Callable[[int], None] | None = None,
     lr_mult: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Minimise the mean of ``loss_fn(sample_index, step)`` over batches of calibration samples.
+    """Minimise the mean loss over batches of calibration samples.
 
     Args:
         named_params: the trained parameters (names only identify them in checkpoints).
-        loss_fn: one sample's loss (a scalar tensor with a graph) and its parts as floats.
+        loss_fn: ``loss_fn(sample_indices, step)``: the mean loss of those samples (a scalar
+            tensor with a graph) and its parts as floats.
         n_samples: samples to draw batches from.
         s: steps, batch, learning rate and schedule, checkpoint interval.
         acc: the Accelerator (made here for the CPU when None).
@@ -204,12 +206,14 @@ def train(
         local = batch_indices(n_samples, step, s)[rank::world]
         total = torch.zeros(1)
         parts: dict[str, float] = {}
-        for i in local:
-            loss, lp = loss_fn(i, step)
-            (loss / s.batch).backward()
-            total += loss.detach().float().cpu()
+        micro = s.micro or len(local)
+        for c in range(0, len(local), micro):
+            chunk = local[c:c + micro]
+            loss, lp = loss_fn(chunk, step)
+            (loss * (len(chunk) / s.batch)).backward()
+            total += loss.detach().float().cpu() * len(chunk)
             for k, v in lp.items():
-                parts[k] = parts.get(k, 0.0) + float(v)
+                parts[k] = parts.get(k, 0.0) + float(v) * len(chunk)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if world > 1:
             flat = torch.cat([g.reshape(-1).float() for g in grads] + [total,
