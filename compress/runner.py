@@ -308,15 +308,33 @@ def _checkpoint_dir(handle, recipe: Recipe, cache: Path | None) -> Path:
     return checkpoint_root(cache) / f"{recipe.name[:40]}-{key}"
 
 
+def _accepts_n(fn) -> bool:
+    import inspect
+
+    try:
+        return "n" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _pass_data(handle, recipe: Recipe, calib, defaults: dict, cache, device: str, dist
                ) -> dict[int, Any]:
-    """Each pass's own data set (``PassDef.data``), captured from the original pipeline before
-    any pass changes the model; a user's module has only its calibrate_fn set."""
+    """Each pass's own data set (``PassDef.data``), captured from the original before any pass
+    changes the model. A user's module gets its calibrate_fn's set, made larger when the
+    callable takes a count ``n`` (``calibrate_fn(module, n=prompts x seeds_per_prompt)``)."""
     out: dict[int, Any] = {}
     for i, (name, cfg) in enumerate(recipe.pass_specs()):
         fn = get_pass(name).data
         want = fn(cfg) if fn is not None else None
-        if want is None or handle.pipeline is None:
+        if want is None:
+            continue
+        if handle.pipeline is None:
+            n = int(want.get("num_prompts", 1)) * int(want.get("seeds_per_prompt", 1))
+            if handle.calibrate_fn is not None and _accepts_n(handle.calibrate_fn):
+                from compress.calib.capture import capture_generic
+
+                out[i] = capture_generic(handle.transformer,
+                                         lambda m, _n=n: handle.calibrate_fn(m, n=_n))
             continue
         cc = recipe.calibration.model_copy(update={
             "prompts": want.get("prompts", recipe.calibration.prompts),

@@ -27,10 +27,11 @@ def _shapedit(depth: int = 4):
     return ShapeDiT(width=64, depth=depth, heads=2).eval()
 
 
-def _calibrate(mod):
+def _calibrate(mod, n=4):
     from compress.demo.shapedit import sample_seeds
 
-    sample_seeds(mod, [11, 12, 13, 14], steps=4)
+    for i in range(0, n, 4):
+        sample_seeds(mod, [11 + j for j in range(i, min(i + 4, n))], steps=4)
 
 
 def _error(a, b):
@@ -47,15 +48,22 @@ def test_distill_recovers_a_pruned_module(mode):
     got = {}
     for steps in (0, 60):
         passes = [prune] + ([{"distill": {"mode": mode, "steps": steps, "batch": 4, "lr": 0.001,
-                                          "warmup": 5, "checkpoint_every": 0}}] if steps else [])
+                                          "warmup": 5, "checkpoint_every": 0,
+                                          "data": {"num_prompts": 4, "seeds_per_prompt": 2}}}]
+                            if steps else [])
         rep = compress.run_recipe({"name": "k", "passes": passes, "eval": {"latency": False}}, m,
                                   calibrate_fn=_calibrate, sample_fn=lambda mod, seeds:
                                   sample_seeds(mod, seeds, steps=4), out=None)
         got[steps] = rep
     assert got[60]["quality"]["psnr_vs_teacher"] > got[0]["quality"]["psnr_vs_teacher"] + 1.0
     d = got[60]["passes"][1]
+    assert d["samples"] == 2 * 4  # calibrate_fn takes n: 8 seeds, 4 a call, 4 steps
     assert d["loss_last"] < 0.5 * d["loss_first"]
     assert len(d["loss_curve"]) == 60
+    from compress.report.html import render_html
+
+    page = render_html({k: v for k, v in got[60].items() if not k.startswith("_")})
+    assert 'alt="loss curve"' in page  # the curve is drawn in report.html
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:

@@ -157,6 +157,8 @@ def _passes_html(report: dict[str, Any]) -> str:
         details = pass_details(entry)
         if details:
             out.append(_table(["key", "value"], [[k, v] for k, v in details]))
+        for key, curve in _curves(entry):
+            out.append(f"<p>{escape(key)}</p>{_loss_plot(curve, key)}")
         layers = entry.get("layers")
         if isinstance(layers, list) and layers and all(isinstance(r, dict) for r in layers):
             out.append(
@@ -164,6 +166,38 @@ def _passes_html(report: dict[str, Any]) -> str:
                 f"{_table(*dict_rows_table(layers))}</details>"
             )
     return "".join(out) or "<p>No passes.</p>"
+
+
+def _curves(entry: dict[str, Any]) -> list[tuple[str, list]]:
+    """The loss curves of a training pass ([[step, loss], ...]), its own and nested ones."""
+    out = []
+    for key, val in [("loss", entry), *((k, v) for k, v in entry.items() if isinstance(v, dict))]:
+        curve = val.get("loss_curve") if isinstance(val, dict) else None
+        if isinstance(curve, list) and len(curve) > 1:
+            out.append((f"{key} curve" if key != "loss" else "loss curve", curve))
+    return out
+
+
+def _loss_plot(curve: list, title: str) -> str:
+    """The curve as an inline PNG (log-scale loss against step)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    steps, loss = zip(*[(float(a), float(b)) for a, b in curve])
+    ax.plot(steps, loss, lw=1.2)
+    if min(loss) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(title)}" width="500" height="260">'
 
 
 def render_html(report: dict[str, Any], pairs: list[ImagePair] | None = None) -> str:

@@ -188,7 +188,14 @@ def dict_rows_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
 
 def pass_details(entry: dict[str, Any]) -> list[tuple[str, Any]]:
     """The pass-specific (key, value) items, without name, seconds and layers."""
-    return [(k, v) for k, v in entry.items() if k not in ("name", "seconds", "layers")]
+    out = []
+    for k, v in entry.items():
+        if k in ("name", "seconds", "layers"):
+            continue
+        if k == "loss_curve" and isinstance(v, list):  # plotted in report.html
+            v = f"{len(v)} points" + (f", {v[0][1]:.4g} -> {v[-1][1]:.4g}" if v else "")
+        out.append((k, v))
+    return out
 
 
 def _attribute_table(quality: dict[str, Any]) -> str | None:
