@@ -22,9 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
-def _tiny_shapedit(seed: int = 0) -> ShapeDiT:
+def _tiny_shapedit(seed: int = 0, depth: int = 2) -> ShapeDiT:
     torch.manual_seed(seed)
-    return ShapeDiT(width=64, depth=2, heads=2).eval()
+    return ShapeDiT(width=64, depth=depth, heads=2).eval()
 
 
 def _calibrate(m):
@@ -155,27 +155,36 @@ def test_inspect_module_prints_reasons_and_folds_only_full_rows():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_shipped_recipe_runs_on_own_module_and_reloads(recipe, tmp_path):
-    m = _tiny_shapedit()
+    names = [next(iter(p)) for p in compress.load_recipe(recipe).resolved()["passes"]]
+    pruned = "prune_depth" in names
+    depth = 4 if pruned else 2  # a quarter of 2 blocks is none
+    m = _tiny_shapedit(depth=depth)
     x = _inputs()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         ref = m(*x)
     work = copy.deepcopy(m)
+    fast = [f"passes.{i}.distill.steps=4" for i, n in enumerate(names) if n == "distill"] + [
+        f"passes.{i}.prune_depth.learnable.steps=4" for i, n in enumerate(names)
+        if n == "prune_depth"]
     report = compress.run_recipe(recipe, model=work, calibrate_fn=_calibrate, out=tmp_path / "o",
-                                 inplace=True)
-    # 4 attention/feed-forward Linears in each of 2 blocks, over one or more format passes
-    assert sum(p["layers_quantized"] for p in report["passes"]) >= 8
+                                 inplace=True, overrides=fast)
+    # 4 attention/feed-forward Linears in each of 2 blocks (2 or 3 of 4 after depth pruning),
+    # over one or more format passes
+    quantized = sum(p.get("layers_quantized", 0) for p in report["passes"])
+    assert quantized >= 8 or not ({"ptq", "vq"} & set(names))
     for p in report["passes"]:
-        assert p["weights_quantized_and_used_fraction"] == pytest.approx(
-            p["weights_quantized_fraction"])
+        if "weights_quantized_fraction" in p:
+            assert p["weights_quantized_and_used_fraction"] == pytest.approx(
+                p["weights_quantized_fraction"])
     assert all(g["passed"] in (None, True) for g in report["gates"].values())
-    fresh = compress.load_module(tmp_path / "o", _tiny_shapedit(seed=99))
+    fresh = compress.load_module(tmp_path / "o", _tiny_shapedit(seed=99, depth=depth))
     with torch.no_grad():
         got, again = fresh(*x), work(*x)
     assert torch.equal(got, again)
     from compress.quant.qtensor import sqnr_db
 
-    assert sqnr_db(ref, got) > 15
+    assert sqnr_db(ref, got) > (0 if pruned else 15)  # a random 4-block model missing blocks drifts
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
