@@ -417,3 +417,17 @@ def test_check_removal_refusals_leave_the_model_untouched():
     with pytest.raises(UserError, match="leave stages.a with no block"):
         check_removal(m, GENERIC, ["stages.a.0", "stages.a.1"])
     check_removal(m, GENERIC, ["stages.a.0", "stages.b.1"])
+
+
+def test_a_count_left_at_its_default_is_not_put_back_by_from_config():
+    # a config saved without num_layers loads with it listed in _use_default_values; from_config
+    # of the pruned config must build the pruned count, not the class default
+    from compress.models import adapter_for
+
+    cfg = dict(_tiny_flux().config)
+    cfg["_use_default_values"] = ["num_layers"]
+    tr = FluxTransformer2DModel.from_config(cfg)
+    n = len(tr.transformer_blocks)
+    remove_blocks(tr, adapter_for(tr), ["transformer_blocks.0"])
+    again = FluxTransformer2DModel.from_config(tr.config)
+    assert len(again.transformer_blocks) == n - 1

@@ -179,6 +179,9 @@ def _apply(transformer: nn.Module, adapter: FamilyAdapter, names: list[str]) -> 
                 new = (_rename(f"{attr}.{i}", moved) for i in transformer.config[key])
                 update[key] = tuple(int(n.rpartition(".")[2]) for n in new if n is not None
                                     and _get(transformer, n) is not None)
+        used = transformer.config.get("_use_default_values")
+        if used is not None:  # from_config would put a listed key's default back
+            update["_use_default_values"] = [k for k in used if k not in update]
         transformer.register_to_config(**update)
     removed = set(names)
     return {"removed": [n for n in order if n in removed],
