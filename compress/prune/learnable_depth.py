@@ -111,7 +111,7 @@ def learn(handle, samples, blocks: list[str], pairing: dict[str, list[int | None
     from compress.modules.swap import set_submodule
     from compress.train import batches
     from compress.train.kd import LoRALinear, add_lora, containers, per_sample
-    from compress.train.loop import TrainSettings, info_of, train
+    from compress.train.loop import TrainSettings, batch_indices, info_of, train
 
     lc = cfg.learnable
     tr, ad = handle.transformer, handle.adapter
@@ -138,7 +138,10 @@ def learn(handle, samples, blocks: list[str], pairing: dict[str, list[int | None
     stacked = batches.stacking_works(lambda a, k: ad.call(tr, a, k), data[:3])
 
     def loss_fn(idx: list[int], step: int):
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 100_003 + idx[0])
+        # one draw of the Gumbel noise per step, from the step's global batch (not the samples
+        # a process holds), so that every process masks alike and N processes train as one
+        first = batch_indices(len(data), step, s)[0]
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 100_003 + first)
         masks = {}
         for c in choices:
             masks.update(c.masks(tau[0], gen))
