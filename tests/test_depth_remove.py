@@ -5,7 +5,6 @@ skeletons, skipped temporarily, and refused when the removal cannot work."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 from collections import OrderedDict
@@ -14,9 +13,13 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-from tiny_pipelines import FAMILIES, build_tiny_pipeline
+from tiny_pipelines import (
+    FAMILIES,
+    build_tiny_pipeline,
+    run_first_call,
+    state_shapes,
+)
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from compress.demo.shapedit import ShapeDiT
 from compress.errors import UserError
@@ -35,36 +38,6 @@ from compress.models.generic import ADAPTER as GENERIC
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-def _clone(tree):
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
-@functools.cache
-def _captured(family: str) -> tuple[tuple, dict]:
-    """The transformer's inputs at the first step of the tiny pipeline (2 steps, seed 0)."""
-    pipe = build_tiny_pipeline(family)
-    calls: list = []
-
-    def grab(_mod, args, kwargs):
-        if not calls:
-            calls.append(_clone((args, kwargs)))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        adapter_for(pipe.transformer).generate(pipe, ["red cube"], [0], 2, None, None)
-    finally:
-        handle.remove()
-    return calls[0]
-
-
-def _run(tr: nn.Module, family: str) -> torch.Tensor:
-    args, kwargs = _captured(family)
-    with torch.no_grad():
-        return adapter_for(tr).call(tr, _clone(args), _clone(kwargs))
-
-
-def _shapes(m: nn.Module) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
 def _reload(tr: nn.Module, path) -> nn.Module:
@@ -89,7 +62,7 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_remove_one_block_per_list_reloads_with_the_stock_class(family, tmp_path):
     tr = build_tiny_pipeline(family).transformer
     adapter = adapter_for(tr)
-    full = _run(tr, family)
+    full = run_first_call(tr, family)
     before = {a: list(getattr(tr, a)) for a in adapter.block_lists}
     names = [f"{a}.0" for a in adapter.block_lists]  # SD3: block 0 is not its last
     assert set(names) <= set(removable(tr, adapter))
@@ -106,12 +79,12 @@ def test_remove_one_block_per_list_reloads_with_the_stock_class(family, tmp_path
         assert not any(k.startswith(f"{a}.{len(old) - 1}.") for k in tr.state_dict())
     if family == "sd3":  # block 0 was the only dual-attention block
         assert tuple(tr.config["dual_attention_layers"]) == ()
-    pruned = _run(tr, family)
+    pruned = run_first_call(tr, family)
     assert pruned.shape == full.shape and not torch.equal(pruned, full)
 
     back = _reload(tr, tmp_path)
     _assert_same_weights(back, tr)
-    assert torch.equal(_run(back, family), pruned)
+    assert torch.equal(run_first_call(back, family), pruned)
 
 
 def _tiny_sd3(num_layers: int = 4, dual: tuple[int, ...] = (0, 2)) -> SD3Transformer2DModel:
@@ -176,9 +149,9 @@ def test_restore_removed_on_meta_skeletons(make, names):
 
     with init_empty_weights():
         old = type(tr).from_config(original)
-    assert _shapes(old) != _shapes(tr)
+    assert state_shapes(old) != state_shapes(tr)
     restore_removed(old, adapter, meta)
-    assert _shapes(old) == _shapes(tr)
+    assert state_shapes(old) == state_shapes(tr)
     assert all(p.is_meta for p in old.parameters())
     assert dict(old.config) == dict(tr.config)
 
@@ -188,7 +161,7 @@ def test_restore_removed_on_meta_skeletons(make, names):
     config = dict(new.config)
     restore_removed(new, adapter, meta)  # already pruned: nothing to do
     assert [id(b) for _, b in adapter.blocks(new)] == blocks and dict(new.config) == config
-    assert _shapes(new) == _shapes(tr)
+    assert state_shapes(new) == state_shapes(tr)
 
     with init_empty_weights():
         other = type(tr).from_config({**original, "num_layers": original["num_layers"] + 1})
@@ -341,16 +314,16 @@ def test_without_blocks_matches_a_pruned_copy_then_puts_everything_back():
     tr = build_tiny_pipeline("flux").transformer
     adapter = adapter_for(tr)
     names = ["transformer_blocks.1", "single_transformer_blocks.0"]
-    config, keys, full = dict(tr.config), list(tr.state_dict()), _run(tr, "flux")
+    config, keys, full = dict(tr.config), list(tr.state_dict()), run_first_call(tr, "flux")
     lists = [getattr(tr, a) for a in adapter.block_lists]
     ref = copy.deepcopy(tr)
     remove_blocks(ref, adapter, names)
     with without_blocks(tr, adapter, names):
-        inside = _run(tr, "flux")
+        inside = run_first_call(tr, "flux")
         assert len(tr.transformer_blocks) == 1 and len(tr.single_transformer_blocks) == 1
         assert dict(tr.config) == config
-    assert torch.equal(inside, _run(ref, "flux")) and not torch.equal(inside, full)
-    assert torch.equal(_run(tr, "flux"), full)
+    assert torch.equal(inside, run_first_call(ref, "flux")) and not torch.equal(inside, full)
+    assert torch.equal(run_first_call(tr, "flux"), full)
     assert [getattr(tr, a) for a in adapter.block_lists] == lists  # the very same containers
     assert dict(tr.config) == config and list(tr.state_dict()) == keys
     with pytest.raises(RuntimeError, match="boom"), without_blocks(tr, adapter, names):

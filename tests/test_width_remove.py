@@ -6,7 +6,6 @@ can say it, else skeleton + restore), and bad requests are refused."""
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import random
 
@@ -14,9 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from tiny_pipelines import FAMILIES, build_tiny_pipeline
+from tiny_pipelines import (
+    FAMILIES,
+    build_tiny_pipeline,
+    run_first_call,
+    state_shapes,
+)
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from compress.demo.shapedit import ShapeDiT
 from compress.errors import UserError
@@ -29,36 +32,6 @@ from compress.models.width import STOCK_EXPRESSIBLE, remove, restore, stock_expr
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-def _clone(tree):
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
-
-
-@functools.cache
-def _captured(family: str) -> tuple[tuple, dict]:
-    """The transformer's inputs at the first step of the tiny pipeline (2 steps, seed 0)."""
-    pipe = build_tiny_pipeline(family)
-    calls: list = []
-
-    def grab(_mod, args, kwargs):
-        if not calls:
-            calls.append(_clone((args, kwargs)))
-
-    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        adapter_for(pipe.transformer).generate(pipe, ["red cube"], [0], 2, None, None)
-    finally:
-        handle.remove()
-    return calls[0]
-
-
-def _run(tr: nn.Module, family: str) -> torch.Tensor:
-    args, kwargs = _captured(family)
-    with torch.no_grad():
-        return adapter_for(tr).call(tr, _clone(args), _clone(kwargs))
-
-
-def _shapes(m: nn.Module) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
 def _params(m: nn.Module) -> int:
@@ -178,8 +151,8 @@ def test_removal_equals_zeroed_contributions_and_reloads_through_restore(family)
     original = dict(tr.config)
     found = units(tr, adapter)
     keep = _keep_sets(found)
-    want = _run(_zeroed(tr, found, keep), family)
-    full = _run(tr, family)
+    want = run_first_call(_zeroed(tr, found, keep), family)
+    full = run_first_call(tr, family)
     before, drop = _params(tr), _dropped_params(tr, found, keep)
 
     meta = remove(tr, adapter, keep)
@@ -188,7 +161,7 @@ def test_removal_equals_zeroed_contributions_and_reloads_through_restore(family)
     assert meta["counts_after"] == {k: len(v) for k, v in keep.items()}
     assert meta["params_before"] == before and meta["params_after"] == _params(tr) == before - drop
     assert not meta["stock_loadable"] and dict(tr.config) == original  # heads: no config key
-    got = _run(tr, family)
+    got = run_first_call(tr, family)
     _close(got, want)
     assert (got - full).abs().max() > 1e-3  # something was removed
     for u in found:
@@ -200,9 +173,9 @@ def test_removal_equals_zeroed_contributions_and_reloads_through_restore(family)
     skeleton = type(tr).from_config(original).eval()  # original shapes, other weights
     restore(skeleton, adapter, json.loads(json.dumps(meta)))
     skeleton.load_state_dict(tr.state_dict(), strict=True)
-    assert torch.equal(_run(skeleton, family), got)
+    assert torch.equal(run_first_call(skeleton, family), got)
     restore(skeleton, adapter, meta)  # already pruned: nothing to do
-    assert _shapes(skeleton) == _shapes(tr)
+    assert state_shapes(skeleton) == state_shapes(tr)
 
 
 def test_restore_on_meta_skeletons_and_refusal_of_other_shapes():
@@ -217,9 +190,9 @@ def test_restore_on_meta_skeletons_and_refusal_of_other_shapes():
     with init_empty_weights():
         sk = type(tr).from_config(original)
     restore(sk, adapter, meta)
-    assert _shapes(sk) == _shapes(tr) and all(p.is_meta for p in sk.parameters())
+    assert state_shapes(sk) == state_shapes(tr) and all(p.is_meta for p in sk.parameters())
     sk.load_state_dict(tr.state_dict(), assign=True)
-    assert torch.equal(_run(sk.eval(), "flux"), _run(tr, "flux"))
+    assert torch.equal(run_first_call(sk.eval(), "flux"), run_first_call(tr, "flux"))
 
     with init_empty_weights():
         other = type(tr).from_config({**original, "num_attention_heads": 2,
@@ -238,11 +211,11 @@ def test_gated_feed_forward_halves_and_norms_across_heads(family, change):
     adapter = adapter_for(tr)
     found = units(tr, adapter)
     keep = _keep_sets(found, seed=3)
-    want = _run(_zeroed(tr, found, keep), family)
+    want = run_first_call(_zeroed(tr, found, keep), family)
     before, drop = _params(tr), _dropped_params(tr, found, keep)
     meta = remove(tr, adapter, keep)
     assert meta["params_after"] == before - drop
-    got = _run(tr, family)
+    got = run_first_call(tr, family)
     if family == "pixart":  # GEGLU: [hidden | gate] rows, both halves sliced alike
         ff = {u.name: u for u in found}["transformer_blocks.0.ff"]
         assert ff.parts == {"transformer_blocks.0.ff.net.0.proj": 2}
@@ -258,7 +231,7 @@ def test_gated_feed_forward_halves_and_norms_across_heads(family, change):
     skeleton = type(tr).from_config(config)
     restore(skeleton, adapter, meta)
     skeleton.load_state_dict(tr.state_dict())
-    assert torch.equal(_run(skeleton.eval(), family), got)
+    assert torch.equal(run_first_call(skeleton.eval(), family), got)
 
 
 def _uniform_sana_keep(found) -> dict[str, list[int]]:
@@ -277,26 +250,26 @@ def test_uniform_sana_widths_reload_with_the_stock_class(tmp_path):
     adapter, original = adapter_for(tr), dict(tr.config)
     found = units(tr, adapter)
     keep = _uniform_sana_keep(found)
-    want = _run(_zeroed(tr, found, keep), "sana")
+    want = run_first_call(_zeroed(tr, found, keep), "sana")
     meta = remove(tr, adapter, keep)
     assert meta["stock_loadable"]
     assert meta["config"] == {"num_cross_attention_heads": 1, "mlp_ratio": 1.25}
     assert tr.config["num_cross_attention_heads"] == 1 and tr.config["mlp_ratio"] == 1.25
-    got = _run(tr, "sana")
+    got = run_first_call(tr, "sana")
     _close(got, want)
 
     tr.save_pretrained(tmp_path)
     back = type(tr).from_pretrained(tmp_path).eval()
     own_memory_(back)  # fresh memory, as load_model does (mmapped tensors: last-bit changes)
-    assert _shapes(back) == _shapes(tr)
-    assert torch.equal(_run(back, "sana"), got)
+    assert state_shapes(back) == state_shapes(tr)
+    assert torch.equal(run_first_call(back, "sana"), got)
     restore(back, adapter, meta)  # built from the updated config: nothing to do
-    assert _shapes(back) == _shapes(tr)
+    assert state_shapes(back) == state_shapes(tr)
 
     old = type(tr).from_config(original).eval()  # the original config works too
     restore(old, adapter, meta)
     old.load_state_dict(tr.state_dict())
-    assert old.config["mlp_ratio"] == 1.25 and torch.equal(_run(old, "sana"), got)
+    assert old.config["mlp_ratio"] == 1.25 and torch.equal(run_first_call(old, "sana"), got)
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux", "sana"])
@@ -524,7 +497,7 @@ def test_own_cross_attention_with_fused_kv_and_swiglu_channels():
 
 def test_bad_keep_sets_are_refused_and_leave_the_model_untouched():
     tr = build_tiny_pipeline("dit").transformer
-    adapter, shapes = adapter_for(tr), _shapes(tr)
+    adapter, shapes = adapter_for(tr), state_shapes(tr)
     cases = [
         ({"transformer_blocks.0.attn1": []}, r"empty; keep at least 1 of its 2 heads"),
         ({"transformer_blocks.7.ff": [0]}, r"not width units.*transformer_blocks\.0\.attn1"),
@@ -537,5 +510,5 @@ def test_bad_keep_sets_are_refused_and_leave_the_model_untouched():
     for keep, msg in cases:
         with pytest.raises(UserError, match=msg):
             remove(tr, adapter, keep)
-        assert _shapes(tr) == shapes
+        assert state_shapes(tr) == shapes
     assert tr.transformer_blocks[0].attn1.heads == 2

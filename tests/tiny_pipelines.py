@@ -7,6 +7,7 @@ class expects, so they save and reload like the real ones. Images default to 32x
 
 from __future__ import annotations
 
+import functools
 import string
 
 import torch
@@ -325,3 +326,42 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
         pipe = _BUILDERS[family]()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _clone(tree):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+@functools.cache
+def first_call_inputs(family: str) -> tuple[tuple, dict]:
+    """The transformer's inputs at the first step of the tiny pipeline (2 steps, seed 0)."""
+    from compress.models import adapter_for
+
+    pipe = build_tiny_pipeline(family)
+    calls: list = []
+
+    def grab(_mod, args, kwargs):
+        if not calls:
+            calls.append(_clone((args, kwargs)))
+
+    handle = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        adapter_for(pipe.transformer).generate(pipe, ["red cube"], [0], 2, None, None)
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def run_first_call(tr: torch.nn.Module, family: str) -> torch.Tensor:
+    """``tr`` (any transformer of ``family``'s class) on :func:`first_call_inputs`."""
+    from compress.models import adapter_for
+
+    args, kwargs = first_call_inputs(family)
+    with torch.no_grad():
+        return adapter_for(tr).call(tr, _clone(args), _clone(kwargs))
+
+
+def state_shapes(m: torch.nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
