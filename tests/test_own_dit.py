@@ -165,6 +165,8 @@ def test_every_shipped_recipe_runs_on_own_module_and_reloads(recipe, tmp_path):
         ref = m(*x)
     work = copy.deepcopy(m)
     fast = [f"passes.{i}.distill.steps=4" for i, n in enumerate(names) if n == "distill"] + [
+        f"passes.{i}.prune_width.learnable.steps=4" for i, n in enumerate(names)
+        if n == "prune_width"] + [
         f"passes.{i}.prune_depth.learnable.steps=4" for i, n in enumerate(names)
         if n == "prune_depth"]
     report = compress.run_recipe(recipe, model=work, calibrate_fn=_calibrate, out=tmp_path / "o",

@@ -92,10 +92,12 @@ class Cell(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         s1, g1, b1, s2, g2, b2 = self.mod(c)[:, None, :].chunk(6, dim=-1)
         z = self.pre(h) * (1 + s1) + b1
-        b, n, d = z.shape
-        q, k, v = self.lin_a(z).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        b, n, _ = z.shape
+        qkv = self.lin_a(z)
+        inner = qkv.shape[-1] // 3  # the width, or less once heads are pruned
+        q, k, v = qkv.view(b, n, 3, self.heads, inner // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)
-        h = h + g1 * self.lin_b(a.transpose(1, 2).reshape(b, n, d))
+        h = h + g1 * self.lin_b(a.transpose(1, 2).reshape(b, n, inner))
         z = self.post(h) * (1 + s2) + b2
         return h + g2 * self.lin_d(F.gelu(self.lin_c(z), approximate="tanh"))
 

@@ -199,15 +199,15 @@ def load_module(out: str | Path, module: torch.nn.Module,
             raise UserError(f"{tdir}: the module cannot be prepared as the manifest says "
                             f"({first_line(exc)}); build it with the same config"
                             ) from None
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    expected = {k: (tuple(v.shape), v) for k, v in module.state_dict(keep_vars=True).items()}
     _rebuild(module, manifest, tdir, "build the module with the config it was compressed from "
              "(or re-run the recipe if the output is damaged)")
     sd = _state_dict(tdir)
     kept = dict(module.named_parameters()) | dict(module.named_buffers())
-    for k, v in sd.items():  # layers left as they were must match in shape
-        if k in expected and k in kept and expected[k] != tuple(v.shape):
+    for k, v in sd.items():  # layers the passes left as they were must match in shape
+        if k in expected and kept.get(k) is expected[k][1] and expected[k][0] != tuple(v.shape):
             raise UserError(f"{tdir}: {k} is stored with shape {tuple(v.shape)} but the module has "
-                            f"{expected[k]}; build it with the config it was compressed from")
+                            f"{expected[k][0]}; build it with the config it was compressed from")
     return _fill(module, sd, tdir, device, "the module does not match the output",
                  "build it with the config it was compressed from")
 
