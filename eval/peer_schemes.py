@@ -29,6 +29,7 @@ class _Peer:
     tool: str  # distribution name, for its version in the report
     settings: dict[str, Any]
     whole_model: bool = False
+    prunes: bool = False  # removes weights: the size counts what is left
 
 
 # ----------------------------------------------------------------------------- stored bytes
@@ -258,4 +259,15 @@ PEER_SPECS: dict[str, _Peer] = {
     ),
 }
 
+def _tp_peers() -> dict[str, _Peer]:
+    from peer_tp import magnitude
+
+    return {f"tp-magnitude-{round(s * 100)}": _Peer(
+        f"Torch-Pruning MagnitudePruner (L2): a quarter of the heads and enough feed-forward "
+        f"channels for {s:.0%} of the blocks' parameters, Attention.heads fixed by hand",
+        magnitude(s), "torch-pruning", {"sparsity": s, "head_ratio": 0.25, "round_to": 8},
+        whole_model=True, prunes=True) for s in (0.2, 0.3)}
+
+
+PEER_SPECS.update(_tp_peers())
 PEERS: dict[str, str] = {name: spec.description for name, spec in PEER_SPECS.items()}

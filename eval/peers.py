@@ -295,8 +295,10 @@ def run_peer(
             "weights_quantized_fraction": covered / orig_params,
             **details,
         }],
-        # peers keep every weight (packed or cast), so the original count stays the count
-        "size": {"params_total": orig_params, "params_active": orig_params,
+        # quantising peers keep every weight (packed or cast), so the original count stays the
+        # count; a pruning peer counts what is left
+        "size": {"params_total": count_params(tr) if peer.prunes else orig_params,
+                 "params_active": count_params(tr) if peer.prunes else orig_params,
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,

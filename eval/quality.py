@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--plot", default=None, help="quality vs bits plot (PNG)")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep rows whose output folder already holds a report.json (resume an "
+                    help="keep rows whose output folder already holds a report.json, and continue "
+                         "an interrupted training pass from its checkpoint (resume an "
                          "interrupted table; rerun without it after changing code)")
     a = ap.parse_args()
 
@@ -58,7 +59,8 @@ def main() -> int:
             outs.append(out)
             continue
         try:
-            compress.run_recipe(r, model=a.model, out=out, overrides=common, force=True)
+            compress.run_recipe(r, model=a.model, out=out, overrides=common, force=True,
+                                resume=a.reuse)
         except GateFailed:
             pass
         outs.append(out)

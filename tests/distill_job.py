@@ -2,6 +2,10 @@
 separate process (under torchrun, or killed mid-run and resumed).
 
     python tests/distill_job.py MODEL_DIR OUT CACHE [--resume] [--steps N] [--batch B]
+        [--prune last|learnable|width]
+
+--prune: the first pass: the last block removed (default), a learned block choice
+(TinyFusion-style), or learned width gates on whole trajectories (EcoDiff-style).
 """
 
 from __future__ import annotations
@@ -19,12 +23,23 @@ import torch
 torch.set_num_threads(1)
 
 
-def recipe(steps: int, batch: int, every: int) -> dict:
+PRUNE = {
+    "last": {"prune_depth": {"method": "last", "remove": 1}},
+    "learnable": {"prune_depth": {"method": "learnable", "remove": 1, "calib_samples": 4,
+                                  "learnable": {"steps": 6, "batch": 2, "lora_rank": 2,
+                                                "checkpoint_every": 0}}},
+    "width": {"prune_width": {"method": "learnable", "sparsity": 0.25,
+                              "learnable": {"steps": 4, "batch": 2, "checkpoint_every": 0,
+                                            "data": {"num_prompts": 4}}}},
+}
+
+
+def recipe(steps: int, batch: int, every: int, prune: str = "last") -> dict:
     return {
         "name": "distill-job",
         "calibration": {"num_prompts": 2, "steps": 3},
         "passes": [
-            {"prune_depth": {"method": "last", "remove": 1}},
+            PRUNE[prune],
             {"distill": {"steps": steps, "batch": batch, "lr": 0.001, "warmup": 2,
                          "checkpoint_every": every,
                          "data": {"num_prompts": 2, "seeds_per_prompt": 2}}},
@@ -42,10 +57,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--prune", choices=sorted(PRUNE), default="last")
     a = ap.parse_args()
     import compress
 
-    compress.run_recipe(recipe(a.steps, a.batch, a.every), a.model, a.out, cache_dir=a.cache,
+    compress.run_recipe(recipe(a.steps, a.batch, a.every, a.prune), a.model, a.out, cache_dir=a.cache,
                         resume=a.resume, force=True)
 
 

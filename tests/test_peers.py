@@ -4,6 +4,7 @@ per weight order the schemes as their formats say."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -50,6 +51,8 @@ def peer_report(
             reason = _quanto_unpack_unavailable()
             if reason:
                 pytest.skip(reason)
+        if name.startswith("tp-") and importlib.util.find_spec("torch_pruning") is None:
+            pytest.skip("torch-pruning is not installed (pip install torch-pruning==1.6.1)")
         if name not in done:
             # one calibration prompt, one evaluation prompt; caches shared by every peer
             out = peers.run_peer(name, str(src), work / name, 1, calib_prompts=1,
@@ -85,7 +88,11 @@ def test_peer_runs_and_reports(name: str, peer_report: Callable[[str], dict[str,
     assert quality["n_images"] == 1
     assert quality["psnr_vs_teacher"] is not None or quality["identical_to_teacher"]
     assert rep["eval"]["seeds"] == [1000]
-    if not name.endswith("-full"):
+    if name.startswith("tp-"):  # a pruning peer: fewer weights, the share it was asked for
+        assert size["params_total"] < rep["model"]["params"]
+        assert rep["passes"][0]["block_sparsity"] == pytest.approx(
+            int(name.rsplit("-", 1)[1]) / 100, abs=0.08)
+    elif not name.endswith("-full"):
         assert rep["passes"][0]["layers_quantized"] > 0
         assert 0 < rep["passes"][0]["weights_quantized_fraction"] < 1
 
