@@ -230,6 +230,31 @@ def v_ours_vq3(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _ours_vq(master, 2, 64)
 
 
+def _ours_width(master: nn.Module, sparsity: float) -> nn.Module:
+    """bf16 with ``sparsity`` of the blocks' parameters removed by prune_width's uniform
+    selection (heads first, then feed-forward channels to multiples of 8); which elements go
+    does not matter for speed, so the scores are random."""
+    from compress.models import adapter_for
+    from compress.models.width import remove, units
+    from compress.prune.width_gates import element_cost
+    from compress.prune.width_scores import random_scores
+    from compress.prune.width_select import choose
+
+    m = copy.deepcopy(master)
+    ad = adapter_for(m)
+    found = units(m, ad)
+    costs = {u.name: element_cost(m, u) for u in found}
+    total = sum(p.numel() for _, b in ad.blocks(m) for p in b.parameters())
+    keep = choose(found, random_scores(found, 0), costs, target=round(sparsity * total),
+                  multiple=8)
+    remove(m, ad, keep)
+    return m.to(torch.bfloat16)
+
+
+def v_ours_width30(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_width(master, 0.3)
+
+
 def weight_mb(model: nn.Module) -> float:
     """Resident bytes of the model's parameters and buffers, plus cached unpacked VQ indices."""
     seen, total = set(), 0
@@ -258,6 +283,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "ours-w8a8-static-compile": (
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
     "ours-int4": (v_ours_int4, "Int4Linear weight-only (group 128)"),
+    "ours-width30": (v_ours_width30, "bf16, 30% of the blocks' parameters removed as heads and "
+                     "feed-forward channels (prune_width's uniform selection)"),
     "ours-w8": (v_ours_w8, "QLinear int8 weight-only (dequantise per call)"),
     "ours-vq2": (v_ours_vq2, "VQLinear 2 bits (d=4, 256 codewords), weight rebuilt per call"),
     "ours-vq3": (v_ours_vq3, "VQLinear 3 bits (d=2, 64 codewords), weight rebuilt per call"),
