@@ -230,3 +230,31 @@ def test_bad_configs_are_refused_before_any_work(tiny_pipeline_dir, tmp_path, mo
         with pytest.raises(UserError, match=msg):
             compress.run_recipe(_recipe(**bad), src, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def test_module_without_head_counts_is_told_which_key_gives_them(tmp_path):
+    """Manual attention under names no rule knows and no head attribute: refused with the
+    recipe key that supplies the count; with it, pruned and reloaded onto a fresh instance."""
+    from test_own_dit import ListNet, _list_inputs
+
+    torch.manual_seed(0)
+    net = ListNet().eval()
+
+    def cal(m):
+        with torch.no_grad():
+            for _ in range(3):
+                m(*_list_inputs())
+
+    with pytest.raises(UserError, match=r"prune_width\.heads"):
+        compress.run_recipe(_recipe(method="taylor", sparsity=0.2), copy.deepcopy(net),
+                            calibrate_fn=cal, out=None)
+    work = copy.deepcopy(net)
+    rep = compress.run_recipe(_recipe(method="taylor", sparsity=0.2, uniform=False,
+                                      heads={r"re:stages\.\d+": 2}),
+                              work, calibrate_fn=cal, out=tmp_path / "o", inplace=True)
+    assert rep["passes"][0]["block_sparsity"] == pytest.approx(0.2, abs=0.03)
+    torch.manual_seed(5)
+    fresh = compress.load_module(tmp_path / "o", ListNet().eval())
+    x = _list_inputs()
+    with torch.no_grad():
+        assert torch.equal(fresh(*x), work(*x))

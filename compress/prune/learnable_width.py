@@ -129,7 +129,7 @@ def learn(handle, calib, units: list[Unit], costs: dict[str, int], allowed: dict
         # sample per call, micro=1, so no later sample's gates replace them before it runs)
         rec = torch.stack(losses).mean()
         pen = torch.stack([lam[g] * _density_t(units, gates, costs, g) for g in groups]).sum()
-        return rec + pen, {"reconstruction": float(rec.detach()), "penalty": float(pen)}
+        return rec + pen, {"reconstruction": float(rec.detach()), "penalty": float(pen.detach())}
 
     def on_step(step: int) -> None:  # the multiplier follows the budget (from the parameters
         for g in groups:             # alone, so every process computes the same)
