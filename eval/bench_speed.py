@@ -283,8 +283,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "ours-w8a8-static-compile": (
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
     "ours-int4": (v_ours_int4, "Int4Linear weight-only (group 128)"),
-    "ours-width30": (v_ours_width30, "bf16, 30% of the blocks' parameters removed as heads and "
-                     "feed-forward channels (prune_width's uniform selection)"),
+    "ours-width30": (v_ours_width30, ("bf16, 30% of the blocks' parameters removed as heads "
+                                      "and feed-forward channels (uniform selection)")),
     "ours-w8": (v_ours_w8, "QLinear int8 weight-only (dequantise per call)"),
     "ours-vq2": (v_ours_vq2, "VQLinear 2 bits (d=4, 256 codewords), weight rebuilt per call"),
     "ours-vq3": (v_ours_vq3, "VQLinear 3 bits (d=2, 64 codewords), weight rebuilt per call"),
