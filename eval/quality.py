@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--peers", default="", help="comma list of peer schemes (see eval/peers.py)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--plot", default=None, help="quality vs bits plot (PNG)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every recipe, as `dit-compress run --set` "
+                         "(e.g. passes.1.distill.batch=4); repeatable")
     ap.add_argument("--reuse", action="store_true",
                     help="keep rows whose output folder already holds a report.json, and continue "
                          "an interrupted training pass from its checkpoint (resume an "
@@ -50,7 +53,7 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     outs, failed = [], []
     common = [f"eval.num_prompts={a.num_prompts}", f"calibration.num_prompts={a.calib_prompts}",
-              "gates={}"]
+              "gates={}", *a.sets]
     for r in a.recipes:
         out = a.work / Path(r).stem
         print(f"== {r}", flush=True)
