@@ -167,5 +167,7 @@ def learn(handle, calib, units: list[Unit], costs: dict[str, int], allowed: dict
     report["learnable"] = {"objective": objective, "samples": n,
                            "expected_density": dens, "allowed_density":
                            {g: round(allowed[g], 4) for g in groups},
-                           "lambda": {g: round(lam[g], 6) for g in groups}, **info_of(res, s)}
+                           "lambda": {g: round(lam[g], 6) for g in groups}, **info_of(res, s),
+                           "loss_parts_last": {k: sum(v[-20:]) / len(v[-20:])
+                                               for k, v in res.parts.items() if v}}
     return {u.name: gates[u.name].log_alpha.detach().clone() for u in units}
