@@ -192,8 +192,8 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         tr.eval()
     merged = kd.merge_lora(tr)
     tr.requires_grad_(False)
-    report = {"mode": cfg.mode, "samples": len(calib), "stacked_calls": stacked, "trained_params": sum(p.numel() for _, p
-                                                                               in params),
+    report = {"mode": cfg.mode, "samples": len(calib), "stacked_calls": stacked,
+              "trained_params": sum(p.numel() for _, p in params),
               "lora_merged": merged, "feature_pairs": {s: t for s, _, t in pairs},
               **info_of(res, s),
               "loss_parts_last": {k: sum(v[-20:]) / len(v[-20:]) for k, v in res.parts.items()
