@@ -96,7 +96,8 @@ def learn(handle, calib, units: list[Unit], costs: dict[str, int], allowed: dict
         args = (steps, meta.get("guidance"), meta.get("resolution"))
         n = len(prompts)
     else:
-        n = min(len(calib), cfg.calib_samples)
+        calib = calib.subset(cfg.calib_samples)  # spread over prompts and timesteps
+        n = len(calib)
     refs: dict[int, torch.Tensor] = {}
     groups = [g for g in allowed if any(g == "all" or u.kind == g for u in units)]
     lam = dict.fromkeys(groups, float(lc.sparsity_weight))
