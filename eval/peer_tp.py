@@ -77,7 +77,7 @@ def magnitude(sparsity: float):
         qkv = [lin for a in attn for lin in (a.to_q, a.to_k, a.to_v)]
         heads = {lin: a.heads for a in attn for lin in (a.to_q, a.to_k, a.to_v)}
         with torch.enable_grad():
-            _prune(handle, sample, qkv, 0.0, heads, HEAD_RATIO)
+            _prune(handle, sample, qkv, HEAD_RATIO, heads, HEAD_RATIO)
         for a in attn:  # the hand fix: the forward reads Attention.heads
             a.heads = a.to_q.out_features // head_dim[a]
             a.inner_dim = a.to_q.out_features

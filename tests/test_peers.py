@@ -92,6 +92,7 @@ def test_peer_runs_and_reports(name: str, peer_report: Callable[[str], dict[str,
         assert size["params_total"] < rep["model"]["params"]
         assert rep["passes"][0]["block_sparsity"] == pytest.approx(
             int(name.rsplit("-", 1)[1]) / 100, abs=0.08)
+        assert max(rep["passes"][0]["heads_kept"]) < 2  # heads went too (the tiny model has 2)
     elif not name.endswith("-full"):
         assert rep["passes"][0]["layers_quantized"] > 0
         assert 0 < rep["passes"][0]["weights_quantized_fraction"] < 1
