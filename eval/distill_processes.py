@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _weights(out: Path) -> dict:
@@ -103,7 +91,9 @@ def main() -> int:
     same = [k for k in one if k in src and src[k].shape == one[k].shape]
     moved = sum(float((one[k].float() - src[k].float()).pow(2).sum()) for k in same)
     diff = sum(float((one[k].float() - two[k].float()).pow(2).sum()) for k in one)
-    print(f"CPU: {_cpu()}")
+    from compress.metrics.timing import cpu_model
+
+    print(f"CPU: {cpu_model()}")
     print(f"{a.recipe} on {a.model}, {a.steps} distillation steps")
     print(f"1 process: {t1:.1f} s   2 processes (torchrun, gloo): {t2:.1f} s   "
           f"(whole runs: data cached, no evaluation)")

@@ -23,13 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +57,9 @@ def main() -> int:
     for _ in range(a.rounds):
         for k, tr in models.items():
             times[k].append(once(tr))
-    print(f"{_cpu()}, {torch.get_num_threads()} threads, {a.rounds} rounds of {a.calls} calls")
+    from compress.metrics.timing import cpu_model
+
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, {a.rounds} rounds of {a.calls} calls")
     base = times["original"]
     for k, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))

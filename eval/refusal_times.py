@@ -73,13 +73,6 @@ def _files() -> dict[str, bytes]:
             "nested 400 levels": deep.encode()}
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _own_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith(("error:", "internal error:",
                                                                "Traceback"))]
@@ -99,7 +92,9 @@ def run(name: str, recipe: str, sets: list[str], out: Path, extra=()) -> tuple:
 
 
 def main() -> int:
-    print(f"CPU: {_cpu()}")
+    from compress.metrics.timing import cpu_model
+
+    print(f"CPU: {cpu_model()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -18,13 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,8 +26,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="best of this many loads")
     a = ap.parse_args()
     from compress.io.integrity import sha256
+    from compress.metrics.timing import cpu_model
 
-    print(f"CPU: {_cpu()}")
+    print(f"CPU: {cpu_model()}")
     with tempfile.NamedTemporaryFile(dir=".", delete=True) as f:
         block = os.urandom(1 << 20)
         for _ in range(int(a.gb * 1024)):
