@@ -28,12 +28,19 @@ class _Final(Exception):
         self.latent = latent
 
 
-def _put_back(obj: Any, attr: str, had: Any) -> None:
-    """Undo an instance attribute set over the class's: the earlier one, or none."""
-    if had is None:
-        delattr(obj, attr)
-    else:
-        setattr(obj, attr, had)
+@contextlib.contextmanager
+def _instance_attr(obj: Any, attr: str, value: Any) -> Iterator[None]:
+    """``obj.attr = value`` over the class's, undone on exit (an earlier instance value is
+    put back, else the class's shows again)."""
+    had = obj.__dict__.get(attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        if had is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, had)
 
 
 @contextlib.contextmanager
@@ -67,12 +74,8 @@ def _last_step(scheduler: Any) -> Iterator[None]:
             raise _Final(lat)
         return out
 
-    had = scheduler.__dict__.get("step")
-    scheduler.step = step
-    try:
+    with _instance_attr(scheduler, "step", step):
         yield
-    finally:
-        _put_back(scheduler, "step", had)
 
 
 @contextlib.contextmanager
@@ -85,12 +88,8 @@ def _checkpointed(module: torch.nn.Module, on: bool) -> Iterator[None]:
     def forward(*a, **k):
         return _checkpoint(orig, *a, use_reentrant=False, **k)
 
-    had = module.__dict__.get("forward")
-    module.forward = forward
-    try:
+    with _instance_attr(module, "forward", forward):
         yield
-    finally:
-        _put_back(module, "forward", had)
 
 
 def final_latent(handle, prompt: str, seed: int, steps: int | None, guidance: float | None,
