@@ -73,4 +73,4 @@ def all_passes() -> dict[str, PassDef]:
 
 def _load_builtin() -> None:
     # explicit imports, no package walking: each module registers itself on import
-    from compress.passes import distill, prune_depth, prune_width, ptq, vq  # noqa: F401
+    from compress.passes import distill, prune_depth, prune_width, ptq, to_moe, vq  # noqa: F401

@@ -550,6 +550,9 @@ def run_recipe(
     quality: dict[str, Any] = {"psnr_vs_teacher": None, "ssim_vs_teacher": None,
                                "prompt_accuracy": None, "teacher_prompt_accuracy": None}
     student = None
+    from compress.modules import moe
+
+    moe.collect(tr, True)  # MoE layers count tokens per expert over the evaluation run
     if do_eval:
         from compress.metrics.evaluate import quality as quality_of
         from compress.metrics.evaluate import sample_images
@@ -565,9 +568,14 @@ def run_recipe(
                             f"{kind} for the compressed one")
         quality.update(judge(teacher, student, kind, metric_fn, conditions))
         eval_prompts = [str(c) for c in conditions] if conditions is not None else None
+    if not do_eval and not own_eval and calib is not None and len(calib):
+        step_latency_ms(handle, calib, 1)  # no evaluation run: count routing on calibration
+    inactive, moe_load = moe.inactive_params(tr), moe.load_report(tr)
+    moe.collect(tr, False)
     latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
 
     new_bytes = stored_bytes(tr)
+    total_params = count_params(tr)
     report: dict[str, Any] = {
         "schema": 1,
         "recipe": recipe.resolved(),
@@ -579,12 +587,15 @@ def run_recipe(
                   **({"prepared": prepared} if prepared else {}),
                   **({"structure": structure.to_dict()} if structure is not None else {})},
         "passes": pass_entries,
-        "size": {"params_total": count_params(tr), "params_active": count_params(tr),
+        "size": {"params_total": total_params,
+                 "params_active": (None if inactive is None else total_params if not inactive
+                                   else round(total_params - inactive, 1)),
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
                   "peak_rss_mb": peak_rss_mb(), "device": str(device)},
         "quality": quality,
+        **({"moe_load": moe_load} if moe_load else {}),
         "timing": {"total_seconds": round(time.perf_counter() - t_run, 3),
                    "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3)},
         "eval": ({"prompts": eval_prompts, "seeds": eval_seeds, **gen_args}

@@ -49,10 +49,12 @@ class FamilyAdapter:
         return out
 
     def weight_layers(self, transformer: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-        """(name, module, role) for every Linear / Conv2d; role "other" when unknown."""
+        """(name, module, role) for every Linear / Conv2d; role "other" when unknown. A layer a
+        pass built (an MoE expert) carries its role in ``compress_role``."""
         for name, mod in transformer.named_modules():
             if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv1d)):
-                yield name, mod, self.role_of(name, mod) or "other"
+                yield name, mod, getattr(mod, "compress_role", None) or \
+                    self.role_of(name, mod) or "other"
 
     def call(self, transformer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the transformer on captured inputs and return its main output tensor."""

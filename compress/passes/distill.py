@@ -5,8 +5,8 @@ changes it (``data``: more prompts than PTQ needs, several seeds per prompt; cac
 calibration sets); a user's module trains on what its calibrate_fn feeds it. No image data set.
 
 Modes:
-- ``kd``: output loss (relative MSE to the original's prediction) plus feature losses between
-  mapped blocks: each remaining block reproduces the original's hidden state at the end of the
+- ``kd``: output loss (relative MSE to the original's prediction), the routers' load-balancing
+  loss after ``to_moe``, plus feature losses between mapped blocks: each remaining block reproduces the original's hidden state at the end of the
   span it stands for (after depth pruning, the blocks up to the next kept one), with the
   original's massive activations masked out as TinyFusion's masked distillation does.
 - ``intervals``: PPCL's mode: only blocks that stand for several original blocks train, each on
@@ -28,6 +28,7 @@ from torch import nn
 
 from compress.config import MAX_COUNT, MAX_TRAIN_STEPS, StrictModel
 from compress.errors import UserError
+from compress.modules import moe
 from compress.registry import PassDef, PassResult, register_pass
 from compress.train import batches, kd
 from compress.train.loop import TrainSettings, autocast, info_of, train
@@ -63,6 +64,8 @@ class Config(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, le=1e6)
     output_weight: float = Field(1.0, ge=0, le=1e6, description="kd: output loss weight")
     feature_weight: float = Field(1.0, ge=0, le=1e6, description="kd: feature loss weight")
+    balance_weight: float = Field(0.01, ge=0, le=1e6, description="kd: weight of the MoE "
+                                  "routers' load-balancing loss (ignored without to_moe)")
     mask_sigma: float | None = Field(4.0, gt=0, le=1e6, description="feature loss ignores the "
                                      "original's entries beyond this many std (null: none)")
     train: Literal["all", "blocks"] = Field("all", description="which weights learn (lora: "
@@ -153,6 +156,10 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             out_l = kd.per_sample(s_out, t_out, None, rows)
             loss = cfg.output_weight * out_l
             parts["output"] = float(out_l)
+            bal = moe.balance_loss(tr) if cfg.balance_weight > 0 else None
+            if bal is not None:
+                loss = loss + cfg.balance_weight * bal
+                parts["balance"] = float(bal)
             if s_taps is not None:
                 feat = torch.stack([kd.feature_loss(s_taps.out[s], t_taps.out[t], cfg.mask_sigma,
                                                     rows) for s, _, t in pairs]).mean()

@@ -1,0 +1,257 @@
+"""to_moe and the MoE runtime: with every expert chosen the pair is the dense feed-forward; the
+sparse runtime computes what a dense per-token reference computes; the least-squares router
+beats random routing; every family's output reloads with the run's images; params_active
+matches a count from forward hooks; a user's module converts and restores; distill trains the
+routers with the balance loss; PTQ quantises the experts; bad configs are refused first."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from tiny_pipelines import FAMILIES
+from torch import nn
+
+import compress
+from compress.errors import UserError
+from compress.modules import moe
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+TINY = {"calibration": {"num_prompts": 2, "steps": 3},
+        "eval": {"num_prompts": 2, "steps": 3, "latency": False}}
+
+
+def _recipe(*more, **cfg) -> dict:
+    return {"name": "m", **TINY, "passes": [{"to_moe": cfg}, *more]}
+
+
+class _FFN(nn.Module):
+    def __init__(self, d=16, h=48, gated=False):
+        super().__init__()
+        self.gated = gated
+        self.up = nn.Linear(d, h * (2 if gated else 1))
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        z = self.up(x)
+        if self.gated:
+            a, g = z.chunk(2, dim=-1)
+            z = a * torch.nn.functional.silu(g)
+        else:
+            z = torch.nn.functional.gelu(z)
+        return self.down(z)
+
+
+def _pair(ffn: _FFN, experts: int, top_k: int, shared_idx, groups, router=None):
+    from compress.models.width_units import Unit
+    from compress.moe import convert
+
+    h = ffn.down.in_features
+    u = Unit("m", "channels", "", h, 1, ["up"], ["down"], parts={"up": 2} if ffn.gated else {})
+    spec = convert.spec_of(ffn, u)
+    d = ffn.up.in_features
+    router = router or (torch.randn(experts, d), torch.zeros(experts))
+    convert.convert(ffn, spec, shared_idx, groups, top_k, False, router, None)
+    return ffn
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_all_experts_chosen_is_the_dense_ffn_and_top_k_matches_a_dense_reference(gated):
+    torch.manual_seed(0)
+    dense = _FFN(gated=gated)
+    x = torch.randn(3, 10, 16)
+    want = dense(x)
+    perm = torch.randperm(48).tolist()
+    shared, groups = perm[:8], [perm[8 + 10 * i:18 + 10 * i] for i in range(4)]
+    full = _pair(copy.deepcopy(dense), 4, 4, shared, groups)
+    assert isinstance(full.up, moe.MoEIn) and isinstance(full.down, moe.MoEOut)
+    assert torch.allclose(full(x), want, atol=1e-5)
+    # top 2 of 4: each token's output is the dense FFN with the other experts' channels zeroed
+    w, b = torch.randn(4, 16), torch.randn(4)
+    sparse = _pair(copy.deepcopy(dense), 4, 2, shared, groups, (w, b))
+    got = sparse(x)
+    top = (x.reshape(-1, 16) @ w.T + b).topk(2, dim=-1).indices
+    ref = []
+    for t, xt in enumerate(x.reshape(-1, 16)):
+        keep = set(shared) | {c for e in top[t].tolist() for c in groups[e]}
+        mask = torch.tensor([c in keep for c in range(48)], dtype=torch.float32)
+        z = dense.up(xt)
+        if gated:
+            a, g = z.chunk(2)
+            z = a * torch.nn.functional.silu(g)
+        else:
+            z = torch.nn.functional.gelu(z)
+        ref.append(dense.down(z * mask))
+    assert torch.allclose(got.reshape(-1, 16), torch.stack(ref), atol=1e-5)
+    # the gate's value is one; its gradient reaches the router
+    sparse.zero_grad()
+    sparse(x).pow(2).sum().backward()
+    assert sparse.up.router.weight.grad.abs().sum() > 0
+    assert all(e.weight.grad is not None for e in sparse.up.experts)
+
+
+def test_least_squares_router_beats_random_routing():
+    from compress.moe import split
+
+    torch.manual_seed(1)
+    dense = _FFN(h=64)
+    with torch.no_grad():  # channels that fire for different input directions
+        dense.up.weight.mul_(3)
+    x = torch.randn(4096, 16)
+    acts = torch.nn.functional.gelu(dense.up(x)).detach()
+    imp = acts.pow(2).mean(0) * dense.down.weight.pow(2).sum(0)
+    shared_idx, groups = split.assign("coactivation", imp, dense.up.weight.detach(), acts, 0, 8,
+                                      0)
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    assert all(len(g) == 8 for g in groups)
+    fit = split.router_lstsq(x, split.contribution(acts, dense.down.weight.detach(), groups))
+    want = dense(x)
+
+    def err(router):
+        m = _pair(copy.deepcopy(dense), 8, 2, shared_idx, groups, router)
+        with torch.no_grad():
+            return float((m(x) - want).pow(2).mean() / want.pow(2).mean())
+
+    rand = err((torch.randn(8, 16), torch.zeros(8)))
+    fitted = err(fit)
+    assert fitted < 0.7 * rand, (fitted, rand)
+
+
+def test_balanced_kmeans_groups_equal_sizes_and_finds_planted_clusters():
+    from compress.moe.split import balanced_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 32, generator=g) * 5
+    feats = torch.cat([centers[i] + 0.1 * torch.randn(6, 32, generator=g) for i in range(4)])
+    groups = balanced_kmeans(feats, 4, [6, 6, 6, 6], seed=0)
+    assert sorted(sorted(gr) for gr in groups) == [list(range(6 * i, 6 * i + 6)) for i in range(4)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_converts_and_reloads_with_the_run_images(family, tiny_pipeline_dir,
+                                                               tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir(family))
+    rep = compress.run_recipe(_recipe(experts=4, top_k=1, shared=0.25, split="kmeans",
+                                      router_timestep=True), src, tmp_path / "o")
+    p = rep["passes"][0]
+    assert p["feedforwards"] >= 1 and p["ffn_active_fraction"] < 0.5
+    ev = rep["eval"]
+    from compress.models import load_model
+
+    ours = compress.load_pipeline(tmp_path / "o")
+    gen = load_model(src).adapter.generate
+    got = gen(ours, ev["prompts"], ev["seeds"], ev["steps"], ev["guidance"], ev["resolution"])
+    assert np.array_equal(got, rep["_student_images"])
+    assert rep["size"]["params_active"] < rep["size"]["params_total"]
+    assert rep["moe_load"]["share_per_timestep_group"]  # the timestep reached the routers
+
+
+def test_params_active_matches_a_count_from_forward_hooks(tiny_pipeline_dir, tmp_path,
+                                                          monkeypatch):
+    """Count, with hooks on every weight layer, the weights each token runs during the
+    evaluation run; the report's params_active must agree."""
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("pixart"))
+    rep = compress.run_recipe(_recipe(experts=4, top_k=2, shared=0.0, split="taylor"), src,
+                              tmp_path / "o")
+    ours = compress.load_pipeline(tmp_path / "o")
+    tr = ours.transformer
+    rows: dict[str, float] = {}
+    pairs = []  # per MoE pair: [(tokens through the expert, its weights)], tokens of the layer
+    for name, m in tr.named_modules():
+        if isinstance(m, moe.MoEIn):
+            def hook_in(mod, args, _out, name=name):
+                rows[name + ".tokens"] = rows.get(name + ".tokens", 0) + \
+                    args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            m.register_forward_hook(hook_in)
+            for e, lin in enumerate(m.experts):
+                def hook(mod, args, _out, key=f"{name}.{e}"):
+                    rows[key] = rows.get(key, 0) + args[0].shape[0]
+                lin.register_forward_hook(hook)
+            pairs.append(name)
+    ev = rep["eval"]
+    from compress.models import load_model
+
+    load_model(src).adapter.generate(ours, ev["prompts"], ev["seeds"], ev["steps"],
+                                     ev["guidance"], ev["resolution"])
+    inactive = 0.0
+    for name in pairs:
+        m = tr.get_submodule(name)
+        out = m.route  # the expert weights of the pair, in and out
+        tokens = rows[name + ".tokens"]
+        for e in range(len(m.experts)):
+            w = out.expert_params[e]
+            inactive += w * (1 - rows[f"{name}.{e}"] / tokens)
+    total = sum(p.numel() for p in tr.parameters())
+    assert rep["size"]["params_active"] == pytest.approx(total - inactive, rel=1e-6)
+    # top 2 of 4 equal experts, no shared: about half of the expert weights run
+    assert sum(r.expert_params[0] * 4 for _, r in moe.routes(tr)) / 2 == \
+        pytest.approx(inactive, rel=1e-6)
+
+
+def _shapedit():
+    from compress.demo.shapedit import ShapeDiT
+
+    torch.manual_seed(0)
+    return ShapeDiT(width=64, depth=2, heads=2).eval()
+
+
+def _calibrate(mod):
+    from compress.demo.shapedit import sample_seeds
+
+    sample_seeds(mod, [11, 12], steps=4)
+
+
+def test_own_module_converted_trained_and_restored(tmp_path):
+    """ShapeDiT's MLP is written inline in its block (lin_c, gelu, lin_d): it still converts;
+    distill then trains experts and routers; the output reloads onto a fresh instance."""
+    work = _shapedit()
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+         torch.tensor([7, 800]), torch.tensor([5, 432]))
+    rec = _recipe({"distill": {"steps": 4, "batch": 2, "checkpoint_every": 0, "lr": 1e-3}},
+                  experts=4, top_k=1, shared=0.25, split="coactivation", router_timestep=True)
+    rep = compress.run_recipe(rec, model=work, calibrate_fn=_calibrate, out=tmp_path / "o",
+                              inplace=True)
+    p = rep["passes"][0]
+    assert p["feedforwards"] == 2 and p["timestep_argument"] == "t"
+    assert p["timestep_scale"] == 1000.0
+    assert rep["passes"][1]["loss_parts_last"]["balance"] > 0
+    assert isinstance(work.core.cells[0].lin_c, moe.MoEIn)
+    fresh = compress.load_module(tmp_path / "o", _shapedit())
+    with torch.no_grad():
+        assert torch.equal(fresh(*x), work(*x))
+
+
+def test_experts_quantise_like_any_linear(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("sd3"))
+    rep = compress.run_recipe(_recipe({"ptq": {"weights": {"bits": 8}}}, experts=4, top_k=2),
+                              src, tmp_path / "o")
+    ours = compress.load_pipeline(tmp_path / "o")
+    pair = next(m for m in ours.transformer.modules() if isinstance(m, moe.MoEIn))
+    assert all(not isinstance(e, nn.Linear) for e in pair.experts)  # replaced by int8 layers
+    assert isinstance(pair.router, nn.Linear)  # routers stay in full precision
+    ev = rep["eval"]
+    from compress.models import load_model
+
+    got = load_model(src).adapter.generate(ours, ev["prompts"], ev["seeds"], ev["steps"],
+                                           ev["guidance"], ev["resolution"])
+    assert np.array_equal(got, rep["_student_images"])
+
+
+def test_bad_configs_are_refused_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("pixart"))
+    for bad, msg in [({"experts": 4, "top_k": 5}, "more than experts"),
+                     ({"include": ["re:("]}, "bad regex"),
+                     ({"include": ["transformer_blocks.9.ff"]}, "selects no feed-forward"),
+                     ({"experts": 200}, "fewer than experts")]:
+        with pytest.raises(UserError, match=msg):
+            compress.run_recipe(_recipe(**bad), src, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+    with pytest.raises(UserError, match="after .ptq. quantized it"):
+        compress.run_recipe({"name": "m", **TINY, "passes": [
+            {"ptq": {"weights": {"bits": 8}}}, {"to_moe": {"experts": 2}}]}, src, tmp_path / "o")
