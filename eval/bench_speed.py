@@ -255,6 +255,34 @@ def v_ours_width30(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _ours_width(master, 0.3)
 
 
+def _ours_moe(master: nn.Module, experts: int, top_k: int, shared: float) -> nn.Module:
+    """bf16 with every feed-forward converted by to_moe's surgery: a shared expert of
+    ``shared`` of the channels and ``experts`` routed experts, ``top_k`` per token. Weights are
+    random, so the split is random and the router a small random matrix (its top-k choices
+    spread the tokens about evenly over the experts, as a trained, balanced router does)."""
+    from compress.models import adapter_for
+    from compress.models.width import units
+    from compress.moe import convert, split
+
+    m = copy.deepcopy(master)
+    gen = torch.Generator().manual_seed(0)
+    for u in units(m, adapter_for(m)):
+        if u.kind != "channels":
+            continue
+        spec = convert.spec_of(m, u)
+        scores = torch.rand(u.count, generator=gen)
+        shared_idx, groups = split.assign("random", scores, torch.zeros(u.count, 1), None,
+                                          round(shared * u.count), experts, 0)
+        dim = spec["ins"][0]["dim"]
+        router = (torch.randn(experts, dim, generator=gen) * 0.02, torch.zeros(experts))
+        convert.convert(m, spec, shared_idx, groups, top_k, False, router, None)
+    return m.to(torch.bfloat16)
+
+
+def v_ours_moe(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_moe(master, 8, 2, 0.25)
+
+
 def weight_mb(model: nn.Module) -> float:
     """Resident bytes of the model's parameters and buffers, plus cached unpacked VQ indices."""
     seen, total = set(), 0
@@ -285,6 +313,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "ours-int4": (v_ours_int4, "Int4Linear weight-only (group 128)"),
     "ours-width30": (v_ours_width30, ("bf16, 30% of the blocks' parameters removed as heads "
                                       "and feed-forward channels (uniform selection)")),
+    "ours-moe": (v_ours_moe, ("bf16, every feed-forward as MoE: 8 experts, top 2, plus a "
+                              "shared expert of 25% of the channels (to_moe's runtime)")),
     "ours-w8": (v_ours_w8, "QLinear int8 weight-only (dequantise per call)"),
     "ours-vq2": (v_ours_vq2, "VQLinear 2 bits (d=4, 256 codewords), weight rebuilt per call"),
     "ours-vq3": (v_ours_vq3, "VQLinear 3 bits (d=2, 64 codewords), weight rebuilt per call"),

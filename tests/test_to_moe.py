@@ -255,3 +255,43 @@ def test_bad_configs_are_refused_before_any_work(tiny_pipeline_dir, tmp_path, mo
     with pytest.raises(UserError, match="after .ptq. quantized it"):
         compress.run_recipe({"name": "m", **TINY, "passes": [
             {"ptq": {"weights": {"bits": 8}}}, {"to_moe": {"experts": 2}}]}, src, tmp_path / "o")
+
+
+@pytest.mark.parametrize("act", ["gelu-approximate", "geglu", "swiglu", "gelu"])
+def test_packed_diffusers_feedforward_matches_its_dense_reference(act):
+    """A diffusers FeedForward converts to the packed pair (the activation applied per expert,
+    no full-width hidden tensor): all experts chosen is the dense layer; top 2 is the dense
+    layer with the other experts' hidden channels zeroed, token by token."""
+    from diffusers.models.attention import FeedForward
+
+    from compress.models.width_units import Unit
+    from compress.moe import convert
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.ff = FeedForward(16, mult=3, activation_fn=act)
+    dense = copy.deepcopy(holder.ff)
+    x = torch.randn(2, 7, 16)
+    perm = torch.randperm(48).tolist()
+    shared, groups = perm[:8], [perm[8 + 10 * i:18 + 10 * i] for i in range(4)]
+    w, b = torch.randn(4, 16), torch.randn(4)
+    got = {}
+    for k in (4, 2):
+        h = copy.deepcopy(holder)
+        parts = 2 if act in ("geglu", "swiglu") else 1
+        u = Unit("ff", "channels", "", 48, 1, ["ff.net.0.proj"], ["ff.net.2"],
+                 parts={"ff.net.0.proj": parts} if parts > 1 else {})
+        spec = convert.spec_of(h, u)
+        assert spec["out"]["packed"] and spec["ins"][0]["name"] == "ff.net.0"
+        convert.convert(h, spec, shared, groups, k, False, (w, b), None)
+        got[k] = h.ff(x)
+    assert torch.allclose(got[4], dense(x), atol=1e-5)
+    top = (x.reshape(-1, 16) @ w.T + b).topk(2, dim=-1).indices
+    hid = dense.net[0](x.reshape(-1, 16))
+    mask = torch.zeros_like(hid)
+    mask[:, shared] = 1
+    for t in range(mask.shape[0]):
+        for e in top[t].tolist():
+            mask[t, groups[e]] = 1
+    want = dense.net[2](hid * mask)
+    assert torch.allclose(got[2].reshape(-1, 16), want, atol=1e-5)

@@ -12,6 +12,12 @@ A dense feed-forward is ``out(act(in(x)))``. After ``to_moe`` its hidden channel
   columns only for its tokens, scaled by the token's gate and summed (index_add). Columns outside
   the FFN (FLUX single blocks' attention half of proj_out) stay a dense Linear.
 
+Packed form (diffusers' FeedForward, whose activation module is known): ``MoEIn`` replaces the
+whole activation module (``net.0``: its Linear and its GELU/GEGLU/SwiGLU), applies the
+activation itself and returns the experts' hidden values packed into one flat tensor (shared
+[T, h_s], then each expert's [n_e, h_e]); ``MoEOut`` reads them back. No hidden tensor of the
+full width is built, filled or activated.
+
 So every expert matmul runs on its own tokens only (no dense compute with masks); only the
 element-wise activation sees the whole hidden width. With all experts chosen (top_k = experts)
 the pair computes exactly the dense FFN: the gate's value is one, and the router learns through
@@ -30,8 +36,19 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+ACTIVATIONS = {  # what a packed MoEIn applies itself (diffusers' FeedForward activations)
+    "gelu": lambda z: F.gelu(z),
+    "gelu-tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "geglu": lambda z: (lambda a, g: a * F.gelu(g))(*z.chunk(2, dim=-1)),
+    "swiglu": lambda z: (lambda a, g: a * F.silu(g))(*z.chunk(2, dim=-1)),
+    "approx-gelu": lambda z: z * torch.sigmoid(1.702 * z),
+    "silu": F.silu,
+    "relu": F.relu,
+    "mish": F.mish,
+}
 GROUPS = 4  # timestep groups of the load statistics: t/T in [0, .25), [.25, .5), ...
 T_FEATURES = 16
 
@@ -115,6 +132,7 @@ class Route:
 
     def clear(self) -> None:
         self.src: tuple | None = None
+        self.lead: tuple = ()
         self.tok: list[torch.Tensor] = []
         self.gate: list[torch.Tensor] = []
 
@@ -189,10 +207,13 @@ class MoEIn(nn.Module):
 
     def __init__(self, dim: int, shared: int, widths: list[int], parts: int, bias: bool,
                  route: Route, conv: bool = False, holds_router: bool = True,
-                 time_router: bool = False, device=None, dtype=None) -> None:
+                 time_router: bool = False, act: str | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.dim, self.parts, self.conv = dim, parts, conv
+        if act is not None and (act not in ACTIVATIONS or conv):
+            raise ValueError(f"MoEIn: cannot pack activation {act!r} (conv={conv})")
+        self.dim, self.parts, self.conv, self.act = dim, parts, conv, act
         self.shared_width, self.widths = shared, list(widths)
         self.hidden = shared + sum(widths)
         self.shared = nn.Linear(dim, parts * shared, bias=bias, **kw) if shared else None
@@ -226,6 +247,8 @@ class MoEIn(nn.Module):
         route = self.route
         if not route.ready_for(x):
             route.compute(x, xt, samples)
+        if self.act is not None:
+            return self._packed(x, xt)
         cols = self._columns(xt.device)
         dt = xt.dtype
         out = xt.new_zeros(xt.shape[0], self.parts * self.hidden)
@@ -239,9 +262,20 @@ class MoEIn(nn.Module):
             out.index_put_((tok[:, None], cols[e + 1][None, :]), y)
         return _untokens(out, x, self.conv)
 
+    def _packed(self, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        act, route = ACTIVATIONS[self.act], self.route
+        route.lead = tuple(x.shape[:-1])
+        pieces = [act(self.shared(xt)).reshape(-1)] if self.shared is not None else []
+        for e, lin in enumerate(self.experts):
+            tok = route.tok[e]
+            if tok.numel():
+                pieces.append(act(lin(xt.index_select(0, tok))).reshape(-1))
+        return torch.cat(pieces) if pieces else xt.new_zeros(0)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, shared={self.shared_width}, experts={self.widths}, "
-                f"parts={self.parts}, top_k={self.route.top_k}, conv={self.conv}")
+                f"parts={self.parts}, top_k={self.route.top_k}, conv={self.conv}, "
+                f"act={self.act}")
 
 
 class MoEOut(nn.Module):
@@ -250,10 +284,13 @@ class MoEOut(nn.Module):
     half), the hidden ones per expert on its tokens only, scaled by the gate and summed."""
 
     def __init__(self, offset: int, shared: int, widths: list[int], out_dim: int, bias: bool,
-                 route: Route, conv: bool = False, device=None, dtype=None) -> None:
+                 route: Route, conv: bool = False, packed: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.offset, self.out_dim, self.conv = offset, out_dim, conv
+        if packed and (offset or conv):
+            raise ValueError("MoEOut: a packed input has no dense columns and no conv layout")
+        self.offset, self.out_dim, self.conv, self.packed = offset, out_dim, conv, packed
         self.shared_width, self.widths = shared, list(widths)
         self.rest = nn.Linear(offset, out_dim, bias=False, **kw) if offset else None
         self.shared = nn.Linear(shared, out_dim, bias=False, **kw) if shared else None
@@ -264,10 +301,12 @@ class MoEOut(nn.Module):
             route.expert_params[e] += w * out_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        ht, _ = _tokens(h, self.conv)
         route = self.route
         if not route.tok:
             raise RuntimeError("MoEOut ran before its MoEIn routed the tokens")
+        if self.packed:
+            return self._packed(h)
+        ht, _ = _tokens(h, self.conv)
         parts = []
         if self.rest is not None:
             parts.append(self.rest(ht[:, :self.offset]))
@@ -287,9 +326,31 @@ class MoEOut(nn.Module):
         route.clear()
         return _untokens(y, h, self.conv)
 
+    def _packed(self, flat: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        n = sum(t.numel() for t in route.tok) // route.top_k
+        a = n * self.shared_width
+        if self.shared is not None:
+            y = self.shared(flat[:a].view(n, self.shared_width))
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        elif self.bias is not None:
+            y = self.bias.to(flat.dtype).expand(n, self.out_dim).clone()
+        else:
+            y = flat.new_zeros(n, self.out_dim)
+        for e, lin in enumerate(self.experts):
+            w, tok = self.widths[e], route.tok[e]
+            if tok.numel():
+                z = lin(flat[a:a + tok.numel() * w].view(tok.numel(), w))
+                y.index_add_(0, tok, (z * route.gate[e][:, None]).to(y.dtype))
+                a += tok.numel() * w
+        lead = route.lead
+        route.clear()
+        return y.view(*lead, self.out_dim)
+
     def extra_repr(self) -> str:
         return (f"offset={self.offset}, shared={self.shared_width}, experts={self.widths}, "
-                f"out={self.out_dim}, conv={self.conv}")
+                f"out={self.out_dim}, conv={self.conv}, packed={self.packed}")
 
 
 # ----------------------------------------------------------------------------- statistics

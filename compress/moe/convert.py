@@ -40,6 +40,40 @@ def _depthwise(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups > 1
 
 
+def _packable(tr: nn.Module, u: Unit) -> tuple[str, str] | None:
+    """(activation module name, activation) when the unit is a diffusers FeedForward whose
+    ``net.0`` holds the first Linear and a known activation, and only dropouts lie between it
+    and the last Linear: the MoE pair then packs the hidden values (no full-width tensor)."""
+    from diffusers.models import activations as A
+
+    try:
+        ff = tr.get_submodule(u.name)
+    except AttributeError:
+        return None
+    net = getattr(ff, "net", None)
+    if not isinstance(net, nn.ModuleList) or u.outputs != [f"{u.name}.net.0.proj"]:
+        return None
+    last = u.inputs[0].rpartition(".")[2]
+    if not last.isdigit() or not all(isinstance(m, (nn.Dropout, nn.Identity))
+                                     for m in list(net)[1:int(last)]):
+        return None
+    a = net[0]
+    kind = {A.GEGLU: "geglu", A.SwiGLU: "swiglu", A.ApproximateGELU: "approx-gelu"}.get(type(a))
+    if type(a) is A.GELU:
+        kind = {"none": "gelu", "tanh": "gelu-tanh"}.get(getattr(a, "approximate", None))
+    elif type(a) is A.LinearActivation:
+        kind = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Mish: "mish"}.get(type(a.activation))
+        if isinstance(a.activation, nn.GELU):
+            kind = {"none": "gelu", "tanh": "gelu-tanh"}.get(a.activation.approximate)
+    return (f"{u.name}.net.0", kind) if kind else None
+
+
+def first_layer(tr: nn.Module, spec: dict, i: int = 0) -> nn.Module:
+    """The Linear/conv of ``spec``'s i-th input layer (inside the activation module if packed)."""
+    m = tr.get_submodule(spec["ins"][i]["name"])
+    return m.proj if spec["ins"][i].get("act") else m
+
+
 def spec_of(tr: nn.Module, u: Unit) -> dict:
     """JSON-able description of the unit's layers and shapes (what :func:`rebuild` needs)."""
     if len(u.inputs) != 1:
@@ -66,9 +100,13 @@ def spec_of(tr: nn.Module, u: Unit) -> dict:
         raise UserError(f"to_moe: no layer of {u.name} reads the feed-forward input")
     if len({i["dim"] for i in ins}) != 1:
         raise UserError(f"to_moe: {u.name}'s first layers read different widths")
+    packed = _packable(tr, u) if len(ins) == 1 and not dws and not off else None
+    if packed is not None:
+        ins[0].update(name=packed[0], act=packed[1])
     return {"unit": u.name, "hidden": u.count, "ins": ins, "depthwise": dws,
             "out": {"name": u.inputs[0], "offset": off, "dim": out.weight.shape[0],
-                    "bias": out.bias is not None, "conv": not isinstance(out, nn.Linear)}}
+                    "bias": out.bias is not None, "conv": not isinstance(out, nn.Linear),
+                    "packed": packed is not None}}
 
 
 def _set(tr: nn.Module, name: str, new: nn.Module) -> None:
@@ -85,14 +123,15 @@ def _build(tr: nn.Module, spec: dict, shared: int, widths: list[int], top_k: int
     route = Route(len(widths), top_k, ctx)
     ins = []
     for j, s in enumerate(spec["ins"]):
-        old = tr.get_submodule(s["name"])
+        old = first_layer(tr, spec, j)
         ins.append(MoEIn(s["dim"], shared, widths, s["parts"], s["bias"], route, conv=s["conv"],
-                         holds_router=j == 0, time_router=time_router,
+                         holds_router=j == 0, time_router=time_router, act=s.get("act"),
                          device=old.weight.device, dtype=old.weight.dtype))
     o = spec["out"]
     old = tr.get_submodule(o["name"])
     out = MoEOut(o["offset"], shared, widths, o["dim"], o["bias"], route, conv=o["conv"],
-                 device=old.weight.device, dtype=old.weight.dtype)
+                 packed=bool(o.get("packed")), device=old.weight.device,
+                 dtype=old.weight.dtype)
     for m in ins:
         for lin in (m.shared, *m.experts):
             if lin is not None:
@@ -121,8 +160,8 @@ def convert(tr: nn.Module, spec: dict, shared_idx: list[int], groups: list[list[
     widths = [len(g) for g in groups]
     ins, out, route = _build(tr, spec, len(shared_idx), widths, top_k, time_router, ctx)
     with torch.no_grad():
-        for s, m in zip(spec["ins"], ins):
-            old = tr.get_submodule(s["name"])
+        for j, (s, m) in enumerate(zip(spec["ins"], ins)):
+            old = first_layer(tr, spec, j)
             w, b = _flat(old.weight), old.bias
             pieces = [(m.shared, shared_idx)] + list(zip(m.experts, groups))
             for lin, idx in pieces:

@@ -176,7 +176,7 @@ def _record(handle, samples, specs: list[dict], max_tokens: int, seed: int):
 def _in_rows(tr: nn.Module, spec: dict) -> torch.Tensor:
     """[H, F]: each hidden channel's input weights (both halves of a gated layer)."""
     first = spec["ins"][0]
-    w = tr.get_submodule(first["name"]).weight.detach().float()
+    w = convert.first_layer(tr, spec).weight.detach().float()
     w = w.reshape(w.shape[0], -1)
     h = spec["hidden"]
     return torch.cat([w[p * h:(p + 1) * h] for p in range(first["parts"])], dim=1)
@@ -236,8 +236,8 @@ def apply(handle, calib, cfg: Config) -> PassResult:
                 hs[u.name], _out_cols(tr, spec), groups))
         else:
             router = split.router_centroid(in_rows, groups, spec["ins"][0]["dim"])
-        dense = sum(tr.get_submodule(s["name"]).weight.numel() for s in spec["ins"]) + \
-            _out_cols(tr, spec).numel()
+        dense = sum(convert.first_layer(tr, spec, j).weight.numel()
+                    for j in range(len(spec["ins"]))) + _out_cols(tr, spec).numel()
         route = convert.convert(tr, spec, shared_idx, groups, cfg.top_k, cfg.router_timestep,
                                 router, ctx)
         per_expert = route.expert_params
