@@ -39,11 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+def _glu(z: torch.Tensor, act) -> torch.Tensor:
+    a, g = z.chunk(2, dim=-1)
+    return a * act(g)
+
+
 ACTIVATIONS = {  # what a packed MoEIn applies itself (diffusers' FeedForward activations)
     "gelu": lambda z: F.gelu(z),
     "gelu-tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "geglu": lambda z: (lambda a, g: a * F.gelu(g))(*z.chunk(2, dim=-1)),
-    "swiglu": lambda z: (lambda a, g: a * F.silu(g))(*z.chunk(2, dim=-1)),
+    "geglu": lambda z: _glu(z, F.gelu),
+    "swiglu": lambda z: _glu(z, F.silu),
     "approx-gelu": lambda z: z * torch.sigmoid(1.702 * z),
     "silu": F.silu,
     "relu": F.relu,
