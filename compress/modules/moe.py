@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 def _glu(z: torch.Tensor, act) -> torch.Tensor:
     a, g = z.chunk(2, dim=-1)
     return a * act(g)
