@@ -73,4 +73,12 @@ def all_passes() -> dict[str, PassDef]:
 
 def _load_builtin() -> None:
     # explicit imports, no package walking: each module registers itself on import
-    from compress.passes import distill, prune_depth, prune_width, ptq, to_moe, vq  # noqa: F401
+    from compress.passes import (  # noqa: F401
+        distill,
+        prune_depth,
+        prune_width,
+        ptq,
+        route_blocks,
+        to_moe,
+        vq,
+    )

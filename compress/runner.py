@@ -550,9 +550,10 @@ def run_recipe(
     quality: dict[str, Any] = {"psnr_vs_teacher": None, "ssim_vs_teacher": None,
                                "prompt_accuracy": None, "teacher_prompt_accuracy": None}
     student = None
-    from compress.modules import moe
+    from compress.modules import mob, moe
 
-    moe.collect(tr, True)  # MoE layers count tokens per expert over the evaluation run
+    moe.collect(tr, True)  # MoE layers count tokens per expert over the evaluation run,
+    mob.collect(tr, True)  # routed blocks the samples that ran them
     if do_eval:
         from compress.metrics.evaluate import quality as quality_of
         from compress.metrics.evaluate import sample_images
@@ -570,8 +571,10 @@ def run_recipe(
         eval_prompts = [str(c) for c in conditions] if conditions is not None else None
     if not do_eval and not own_eval and calib is not None and len(calib):
         step_latency_ms(handle, calib, 1)  # no evaluation run: count routing on calibration
-    inactive, moe_load = moe.inactive_params(tr), moe.load_report(tr)
+    inactive, moe_load, mob_load = mob.inactive_params(tr), moe.load_report(tr), \
+        mob.load_report(tr)
     moe.collect(tr, False)
+    mob.collect(tr, False)
     latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
 
     new_bytes = stored_bytes(tr)
@@ -596,6 +599,7 @@ def run_recipe(
                   "peak_rss_mb": peak_rss_mb(), "device": str(device)},
         "quality": quality,
         **({"moe_load": moe_load} if moe_load else {}),
+        **({"blocks_load": mob_load} if mob_load else {}),
         "timing": {"total_seconds": round(time.perf_counter() - t_run, 3),
                    "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3)},
         "eval": ({"prompts": eval_prompts, "seeds": eval_seeds, **gen_args}

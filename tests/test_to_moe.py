@@ -295,3 +295,89 @@ def test_packed_diffusers_feedforward_matches_its_dense_reference(act):
             mask[t, groups[e]] = 1
     want = dense.net[2](hid * mask)
     assert torch.allclose(got[2].reshape(-1, 16), want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Mixture of Blocks
+
+
+class _Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, hidden_states, temb):
+        return hidden_states + torch.tanh(self.lin(hidden_states) + temb[:, None, :])
+
+
+class _Net(nn.Module):
+    def __init__(self, n=4, d=8):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList(_Block(d) for _ in range(n))
+
+    def forward(self, x, temb):
+        for b in self.transformer_blocks:
+            x = b(hidden_states=x, temb=temb)
+        return x
+
+
+def test_routed_blocks_run_only_their_samples_and_match_a_per_sample_reference():
+    from compress.modules import mob
+
+    torch.manual_seed(0)
+    net = _Net()
+    dense = copy.deepcopy(net)
+    names = [f"transformer_blocks.{i}" for i in range(4)]
+    tmpl = {"inputs": ["kw:hidden_states"], "tuple": False}
+    groups = mob.install(net, [names[:2], names[2:]], 1, dict.fromkeys(names, tmpl), 8, False,
+                         None)
+    with torch.no_grad():
+        for g in groups:
+            g.router.weight.normal_(0, 3)
+    x, temb = torch.randn(6, 5, 8), torch.randn(6, 8)
+    calls = []
+    for n in names:
+        net.get_submodule(n).lin.register_forward_hook(
+            lambda _m, a, _o, n=n: calls.append((n, a[0].shape[0])))
+    got = net(x, temb)
+    ref = []
+    for s in range(6):
+        h = x[s:s + 1]
+        for g, pair in zip(groups, (names[:2], names[2:])):
+            score = g.router(h.mean(1))
+            j = int(score.argmax())
+            h = dense.get_submodule(pair[j])(hidden_states=h, temb=temb[s:s + 1])
+        ref.append(h)
+    assert torch.allclose(got, torch.cat(ref), atol=1e-6)
+    assert sum(b for _, b in calls) == 2 * 6  # each sample ran one block of each pair
+    got.pow(2).sum().backward()
+    assert all(g.router.weight.grad.abs().sum() > 0 for g in groups)
+    # keeping every block of a group is the dense model exactly
+    full = copy.deepcopy(dense)
+    mob.install(full, [names[:2], names[2:]], 2, dict.fromkeys(names, tmpl), 8, False, None)
+    assert torch.equal(full(x, temb), dense(x, temb))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_then_routed_blocks_then_distill_reload_with_the_run_images(
+        family, tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir(family))
+    rec = _recipe({"route_blocks": {"group": 2, "keep": 1}},
+                  {"distill": {"steps": 2, "batch": 2, "checkpoint_every": 0,
+                               "data": {"num_prompts": 2, "seeds_per_prompt": 1}}},
+                  experts=4, top_k=1)
+    rep = compress.run_recipe(rec, src, tmp_path / "o")
+    ev = rep["eval"]
+    from compress.models import load_model
+
+    ours = compress.load_pipeline(tmp_path / "o")
+    gen = load_model(src).adapter.generate
+    got = gen(ours, ev["prompts"], ev["seeds"], ev["steps"], ev["guidance"], ev["resolution"])
+    assert np.array_equal(got, rep["_student_images"])
+    fr = rep["blocks_load"]["run_fraction"]
+    # one block of each pair runs per sample
+    pairs = [k for k in fr if k.endswith((".0", ".2", ".4"))]
+    assert all(fr[k] + fr[k[:-1] + str(int(k[-1]) + 1)] == pytest.approx(1.0) for k in pairs)
+    assert rep["size"]["params_active"] < 0.7 * rep["size"]["params_total"]
+    feats = rep["passes"][2]["feature_pairs"]
+    assert all(s.endswith((".1", ".3", ".5")) for s in feats)  # group ends only

@@ -104,14 +104,18 @@ def timestep_argument(module: nn.Module) -> tuple[str, int | None] | None:
     return None
 
 
-def attach_time_hook(transformer: nn.Module, ctx: TimeContext, name: str | None,
-                     position: int | None, scale: float) -> None:
-    if name is None:
-        return
-    for h in list(transformer._forward_pre_hooks.values()):
+def time_context(transformer: nn.Module, name: str | None, position: int | None,
+                 scale: float) -> TimeContext:
+    """The transformer's TimeContext: its TimeHook's (one per transformer, shared by every MoE
+    and block router in it), else a new one with a new hook (none when ``name`` is None)."""
+    for h in transformer._forward_pre_hooks.values():
         if isinstance(h, TimeHook):
-            return  # one per transformer: every MoE layer of it shares its context
-    transformer.register_forward_pre_hook(TimeHook(ctx, name, position, scale), with_kwargs=True)
+            return h.ctx
+    ctx = TimeContext()
+    if name is not None:
+        transformer.register_forward_pre_hook(TimeHook(ctx, name, position, scale),
+                                              with_kwargs=True)
+    return ctx
 
 
 def time_features(frac: torch.Tensor) -> torch.Tensor:
@@ -430,12 +434,12 @@ __all__ = [
     "Route",
     "TimeContext",
     "TimeHook",
-    "attach_time_hook",
     "balance_loss",
     "collect",
     "inactive_params",
     "load_report",
     "routes",
+    "time_context",
     "time_features",
     "timestep_argument",
 ]

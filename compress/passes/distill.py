@@ -6,7 +6,8 @@ calibration sets); a user's module trains on what its calibrate_fn feeds it. No 
 
 Modes:
 - ``kd``: output loss (relative MSE to the original's prediction), the routers' load-balancing
-  loss after ``to_moe``, plus feature losses between mapped blocks: each remaining block reproduces the original's hidden state at the end of the
+  loss after ``to_moe``, plus feature losses between mapped blocks (after ``route_blocks``:
+  only at the end of each group of routed blocks, the group feature loss): each remaining block reproduces the original's hidden state at the end of the
   span it stands for (after depth pruning, the blocks up to the next kept one), with the
   original's massive activations masked out as TinyFusion's masked distillation does.
 - ``intervals``: PPCL's mode: only blocks that stand for several original blocks train, each on
@@ -28,7 +29,7 @@ from torch import nn
 
 from compress.config import MAX_COUNT, MAX_TRAIN_STEPS, StrictModel
 from compress.errors import UserError
-from compress.modules import moe
+from compress.modules import mob, moe
 from compress.registry import PassDef, PassResult, register_pass
 from compress.train import batches, kd
 from compress.train.loop import TrainSettings, autocast, info_of, train
@@ -107,14 +108,20 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     t_blocks = [n for n, _ in ad.blocks(teacher)]
     kept = [origin[b] for b in s_blocks]
     targets = kd.feature_targets(t_blocks, kept)
+    routed = {n: names[-1] for names, _ in mob.block_groups(tr) for n in names}
+    if routed and cfg.gradient_checkpointing:
+        raise UserError("distill: gradient_checkpointing is not supported with routed blocks "
+                        "(route_blocks): the recomputed forward would not see the same routing; "
+                        "set gradient_checkpointing: false")
     if cfg.mode == "intervals":
         pairs = [(s, k, t) for s, k, t in zip(s_blocks, kept, targets) if t != k]
         if not pairs:
             raise UserError("distill mode intervals: no block stands for an interval of removed "
                             "blocks (run prune_depth first, e.g. method: intervals)")
         trained_blocks = [s for s, _, _ in pairs]
-    else:
-        pairs = list(zip(s_blocks, kept, targets))
+    else:  # with routed blocks: the group feature loss, at the end of each group only
+        pairs = [(s, k, t) for s, k, t in zip(s_blocks, kept, targets)
+                 if s not in routed or routed[s] == s]
         trained_blocks = s_blocks
     params = _params(tr, trained_blocks if cfg.mode == "intervals" else s_blocks, cfg)
     if cfg.mode == "intervals" and cfg.lora is None:

@@ -210,8 +210,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     if calib is None or not len(calib):
         raise UserError("to_moe needs calibration data (prompts, or calibrate_fn for a module)")
     samples = calib.subset(cfg.calib_samples)
-    ctx = moe.TimeContext()
-    moe.attach_time_hook(tr, ctx, t_name, t_pos, 1.0)
+    ctx = moe.time_context(tr, t_name, t_pos, 1.0)
     xs, hs = _record(handle, samples, specs, cfg.max_tokens, cfg.seed)
     raw = ctx.raw_max
     scale = 1.0 if raw <= 1.0 else max(1000.0, raw)
@@ -266,13 +265,12 @@ def apply(handle, calib, cfg: Config) -> PassResult:
 
 
 def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
-    ctx = moe.TimeContext()
+    t = meta.get("time") or {}
+    ctx = moe.time_context(transformer, t.get("name"), t.get("position"),
+                           float(t.get("scale", 1000.0)))
     for u in meta["units"]:
         convert.rebuild(transformer, u["spec"], int(u["shared"]), [int(w) for w in u["widths"]],
                         int(meta["top_k"]), bool(meta["router_timestep"]), ctx)
-    t = meta.get("time") or {}
-    moe.attach_time_hook(transformer, ctx, t.get("name"), t.get("position"),
-                         float(t.get("scale", 1000.0)))
 
 
 register_pass(PassDef(name="to_moe", config=Config, apply=apply, restore=restore,

@@ -1,0 +1,212 @@
+"""route_blocks: Mixture of Blocks. Per sample, only ``keep`` of every ``group`` consecutive
+blocks run (Dense2MoE's second stage, after to_moe and a first distillation).
+
+Each group's router reads the hidden state entering the group (mean over tokens) and, with
+``router_timestep``, the timestep; it starts from the blocks' ShortGPT influence on the
+calibration calls (every sample first keeps the group's most influential blocks, as static
+depth pruning would) and learns in a following ``distill`` pass, whose feature loss then
+compares hidden states only at the ends of the groups (the group feature loss). A skipped block
+passes its inputs through; a run block sees only the samples that chose it. Runtime:
+:mod:`compress.modules.mob`. Blocks left over after the last full group always run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.config import MAX_COUNT, StrictModel
+from compress.errors import UserError
+from compress.modules import mob, moe
+from compress.registry import PassDef, PassResult, register_pass
+from compress.train import kd
+
+
+class Config(StrictModel):
+    """route_blocks pass configuration."""
+
+    group: int = Field(3, ge=2, le=256, description="consecutive blocks per group")
+    keep: int = Field(2, ge=1, le=255, description="blocks of each group a sample runs")
+    router_timestep: bool = Field(True, description="the group routers also read the timestep")
+    calib_samples: int = Field(16, ge=1, le=MAX_COUNT, description="calibration calls for the "
+                               "blocks' influence (the routers' starting choice)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.keep >= self.group:
+            raise ValueError(f"keep {self.keep} must be less than group {self.group}")
+        return self
+
+
+def _groups(handle, cfg: Config) -> tuple[list[list[str]], list[str]]:
+    names = [n for n, _ in handle.adapter.blocks(handle.transformer)]
+    groups, rest = [], []
+    for lst in kd.containers(names).values():
+        full = len(lst) // cfg.group * cfg.group
+        groups += [lst[i:i + cfg.group] for i in range(0, full, cfg.group)]
+        rest += lst[full:]
+    if not groups:
+        raise UserError(f"route_blocks: no block list has {cfg.group} blocks (lists: "
+                        f"{ {k: len(v) for k, v in kd.containers(names).items()} }); lower group")
+    if any(isinstance(handle.transformer.get_submodule(n), mob.RoutedMixin) for n in names):
+        raise UserError("route_blocks: the blocks are routed already (one route_blocks per run)")
+    return groups, rest
+
+
+def check(handle, cfg: Config) -> None:
+    if handle.pipeline is not None:
+        _groups(handle, cfg)
+
+
+def _keys(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    out = [(f"arg:{i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    out += [(f"kw:{k}", v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return [(k, t) for k, t in out if t.is_floating_point()]
+
+
+def _template(name: str, args: tuple, kwargs: dict, out) -> dict:
+    """Which input each returned tensor updates (same shape, most similar), and the form."""
+    is_tuple = isinstance(out, tuple)
+    outs = list(out) if is_tuple else [out]
+    cands = _keys(args, kwargs)
+    inputs = []
+    for o in outs:
+        if o is None:  # SD3's last block returns no text stream
+            inputs.append(None)
+            continue
+        if not isinstance(o, torch.Tensor):
+            raise UserError(f"route_blocks: {name} returns a {type(o).__name__}; a routed block "
+                            "must return tensors (or a tuple of them) that update its inputs")
+        same = [(k, t) for k, t in cands if t.shape == o.shape]
+        if not same:
+            raise UserError(f"route_blocks: {name} returns a tensor of shape {tuple(o.shape)} "
+                            "that matches none of its inputs; it cannot be skipped")
+        best = max(same, key=lambda kt: float(F.cosine_similarity(
+            kt[1].flatten().float(), o.flatten().float(), dim=0)))
+        inputs.append(best[0])
+    return {"inputs": inputs, "tuple": is_tuple}
+
+
+def _probe(handle, samples, names: list[str]):
+    """Templates and ShortGPT influence per block over the samples."""
+    tr, ad = handle.transformer, handle.adapter
+    dev = handle.run.get("device", "cpu")
+    taps = kd.Taps(tr, [], inputs=names)
+    raw: dict[str, object] = {}
+    hooks = [tr.get_submodule(n).register_forward_hook(
+        lambda _m, _a, out, n=n: raw.__setitem__(n, out)) for n in names]
+    templates: dict[str, dict] = {}
+    infl = dict.fromkeys(names, 0.0)
+    count = dict.fromkeys(names, 0)
+    try:
+        with torch.no_grad():
+            for i in range(len(samples)):
+                taps.clear()
+                s = samples.sample(i).to(dev)
+                ad.call(tr, s.args, s.kwargs)
+                for n in names:
+                    args, kwargs = taps.inp[n]
+                    if n not in templates:
+                        templates[n] = _template(n, args, kwargs, raw[n])
+                    outs = list(raw[n]) if templates[n]["tuple"] else [raw[n]]
+                    for key, o in zip(templates[n]["inputs"], outs):
+                        if key is None:
+                            continue
+                        x = mob._pick(args, kwargs, key)
+                        c = F.cosine_similarity(x.float().reshape(-1, x.shape[-1]),
+                                                o.float().reshape(-1, o.shape[-1]), dim=-1)
+                        infl[n] += float((1 - c).sum())
+                        count[n] += c.numel()
+    finally:
+        taps.remove()
+        for h in hooks:
+            h.remove()
+    return templates, {n: infl[n] / max(count[n], 1) for n in names}
+
+
+def _dim(handle, samples, first: str) -> int:
+    taps = kd.Taps(handle.transformer, [], inputs=[first])
+    try:
+        with torch.no_grad():
+            s = samples.sample(0).to(handle.run.get("device", "cpu"))
+            handle.adapter.call(handle.transformer, s.args, s.kwargs)
+        x = mob._main_input(*taps.inp[first])
+    finally:
+        taps.remove()
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"route_blocks: {first}'s first argument is not a tensor")
+    return x.shape[-1]
+
+
+def _weight(tr: nn.Module) -> tuple:
+    p = next(tr.parameters())
+    return p.device, p.dtype
+
+
+def apply(handle, calib, cfg: Config) -> PassResult:
+    tr = handle.transformer
+    t0 = time.perf_counter()
+    groups, rest = _groups(handle, cfg)
+    if calib is None or not len(calib):
+        raise UserError("route_blocks needs calibration data")
+    samples = calib.subset(cfg.calib_samples)
+    names = [n for g in groups for n in g]
+    templates, influence = _probe(handle, samples, names)
+    dim = _dim(handle, samples, groups[0][0])
+    arg = moe.timestep_argument(tr)
+    if cfg.router_timestep and arg is None:
+        raise UserError("route_blocks: router_timestep needs the transformer's forward to take "
+                        "the timestep (timestep, t, ...); set router_timestep: false")
+    t_name, t_pos = arg if arg is not None else (None, None)
+    scale = next((h.scale for h in tr._forward_pre_hooks.values()
+                  if isinstance(h, moe.TimeHook)), None)
+    ctx = moe.time_context(tr, t_name, t_pos, scale or 1000.0)
+    if scale is None:  # no MoE before: find the timestep range on one call
+        with torch.no_grad():
+            s = samples.sample(0).to(handle.run.get("device", "cpu"))
+            handle.adapter.call(tr, s.args, s.kwargs)
+        scale = 1.0 if ctx.raw_max <= 1.0 else max(1000.0, ctx.raw_max)
+        for h in tr._forward_pre_hooks.values():
+            if isinstance(h, moe.TimeHook):
+                h.scale = scale
+    device, dtype = _weight(tr)
+    grps = mob.install(tr, groups, cfg.keep, templates, dim, cfg.router_timestep, ctx,
+                       device=device, dtype=dtype)
+    start = {}
+    with torch.no_grad():
+        for g, names_g in zip(grps, groups):
+            v = torch.tensor([influence[n] for n in names_g])
+            z = (v - v.mean()) / v.std().clamp_min(1e-12)
+            g.router.weight.zero_()
+            g.router.bias.copy_(2.0 * z)
+            start[",".join(names_g)] = [names_g[i] for i in
+                                        torch.topk(z, cfg.keep).indices.sort().values.tolist()]
+    block_params = {n: sum(p.numel() for p in tr.get_submodule(n).parameters()) for n in names}
+    report = {"group": cfg.group, "keep": cfg.keep, "groups": len(groups), "always_run": rest,
+              "router_timestep": cfg.router_timestep,
+              "influence": {n: round(v, 6) for n, v in influence.items()},
+              "starting_choice": start,
+              "routed_block_params": sum(block_params.values()),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    meta = {"groups": groups, "keep": cfg.keep, "templates": templates, "dim": dim,
+            "router_timestep": cfg.router_timestep,
+            "time": {"name": t_name, "position": t_pos, "scale": scale}}
+    return PassResult(meta=meta, report=report)
+
+
+def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
+    t = meta.get("time") or {}
+    ctx = moe.time_context(transformer, t.get("name"), t.get("position"),
+                           float(t.get("scale") or 1000.0))
+    device, dtype = _weight(transformer)
+    mob.install(transformer, [list(g) for g in meta["groups"]], int(meta["keep"]),
+                meta["templates"], int(meta["dim"]), bool(meta["router_timestep"]), ctx,
+                device=device, dtype=dtype)
+
+
+register_pass(PassDef(name="route_blocks", config=Config, apply=apply, restore=restore,
+                      kind="structural", check=check))
