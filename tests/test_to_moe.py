@@ -149,47 +149,75 @@ def test_every_family_converts_and_reloads_with_the_run_images(family, tiny_pipe
     assert rep["moe_load"]["share_per_timestep_group"]  # the timestep reached the routers
 
 
+def _hook_count(tr, blocks, dense_rows, run) -> float:
+    """Weights a token does not run, counted with hooks during ``run()``: each routed block's
+    rows against the rows its attn1.to_q sees in the original; each expert's rows against its
+    feed-forward's tokens."""
+    rows: dict[str, int] = {}
+    hooks = []
+
+    def count(key):
+        def hook(_m, a, _o):
+            rows[key] = rows.get(key, 0) + a[0].reshape(-1, a[0].shape[-1]).shape[0]
+        return hook
+
+    for b in blocks:
+        hooks.append(tr.get_submodule(b + ".attn1.to_q").register_forward_hook(count(b)))
+    pairs = [(n, m) for n, m in tr.named_modules()
+             if isinstance(m, moe.MoEIn) and m.router is not None]
+    for name, m in pairs:
+        hooks.append(m.register_forward_hook(count(name)))
+        for e, lin in enumerate(m.experts):
+            hooks.append(lin.register_forward_hook(count(f"{name}.{e}")))
+    run()
+    for h in hooks:
+        h.remove()
+    inactive = 0.0
+    for b in blocks:
+        frac = rows.get(b, 0) / dense_rows[b]
+        inactive += (1 - frac) * sum(p.numel() for p in tr.get_submodule(b).parameters())
+        for name, m in pairs:
+            if name.startswith(b + ".") and rows.get(name):
+                for e in range(len(m.experts)):
+                    inactive += frac * m.route.expert_params[e] * \
+                        (1 - rows.get(f"{name}.{e}", 0) / rows[name])
+    return inactive
+
+
 def test_params_active_matches_a_count_from_forward_hooks(tiny_pipeline_dir, tmp_path,
                                                           monkeypatch):
-    """Count, with hooks on every weight layer, the weights each token runs during the
-    evaluation run; the report's params_active must agree."""
     monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
     src = str(tiny_pipeline_dir("pixart"))
-    rep = compress.run_recipe(_recipe(experts=4, top_k=2, shared=0.0, split="taylor"), src,
-                              tmp_path / "o")
+    rec = _recipe({"route_blocks": {"group": 2, "keep": 1, "router_timestep": False}},
+                  experts=4, top_k=2, shared=0.0, split="taylor")
+    rep = compress.run_recipe(rec, src, tmp_path / "o")
+    from compress.models import load_model
+    from compress.modules import mob
+
+    ev = rep["eval"]
+    args = (ev["prompts"], ev["seeds"], ev["steps"], ev["guidance"], ev["resolution"])
+    orig = load_model(src)
+    blocks = [n for n, _ in orig.adapter.blocks(orig.transformer)]
+    dense: dict[str, int] = {}
+    for b in blocks:
+        orig.transformer.get_submodule(b + ".attn1.to_q").register_forward_hook(
+            lambda _m, a, _o, b=b: dense.__setitem__(
+                b, dense.get(b, 0) + a[0].reshape(-1, a[0].shape[-1]).shape[0]))
+    orig.adapter.generate(orig.pipeline, *args)
     ours = compress.load_pipeline(tmp_path / "o")
     tr = ours.transformer
-    rows: dict[str, float] = {}
-    pairs = []  # per MoE pair: [(tokens through the expert, its weights)], tokens of the layer
-    for name, m in tr.named_modules():
-        if isinstance(m, moe.MoEIn):
-            def hook_in(mod, args, _out, name=name):
-                rows[name + ".tokens"] = rows.get(name + ".tokens", 0) + \
-                    args[0].reshape(-1, args[0].shape[-1]).shape[0]
-            m.register_forward_hook(hook_in)
-            for e, lin in enumerate(m.experts):
-                def hook(mod, args, _out, key=f"{name}.{e}"):
-                    rows[key] = rows.get(key, 0) + args[0].shape[0]
-                lin.register_forward_hook(hook)
-            pairs.append(name)
-    ev = rep["eval"]
-    from compress.models import load_model
-
-    load_model(src).adapter.generate(ours, ev["prompts"], ev["seeds"], ev["steps"],
-                                     ev["guidance"], ev["resolution"])
-    inactive = 0.0
-    for name in pairs:
-        m = tr.get_submodule(name)
-        out = m.route  # the expert weights of the pair, in and out
-        tokens = rows[name + ".tokens"]
-        for e in range(len(m.experts)):
-            w = out.expert_params[e]
-            inactive += w * (1 - rows[f"{name}.{e}"] / tokens)
     total = sum(p.numel() for p in tr.parameters())
-    assert rep["size"]["params_active"] == pytest.approx(total - inactive, rel=1e-6)
-    # top 2 of 4 equal experts, no shared: about half of the expert weights run
-    assert sum(r.expert_params[0] * 4 for _, r in moe.routes(tr)) / 2 == \
-        pytest.approx(inactive, rel=1e-6)
+    counted = _hook_count(tr, blocks, dense, lambda: orig.adapter.generate(ours, *args))
+    assert rep["size"]["params_active"] == pytest.approx(total - counted, rel=1e-6)
+    # routers that send samples different ways (the trained start here is static)
+    with torch.no_grad():
+        for g in tr.block_routers:
+            g.weight.normal_(0, 5)
+    moe.collect(tr)
+    mob.collect(tr)
+    counted = _hook_count(tr, blocks, dense, lambda: orig.adapter.generate(ours, *args))
+    assert 0 < min(mob.run_fractions(tr).values()) < 1  # the count is not trivial
+    assert mob.inactive_params(tr) == pytest.approx(counted, rel=1e-6)
 
 
 def _shapedit():
