@@ -47,9 +47,9 @@ class Config(StrictModel):
     router_timestep: bool = Field(False, description="the router also reads the timestep "
                                   "(sinusoidal features, zero-initialised weights)")
     include: list[str] = Field(default_factory=lambda: ["re:.*"], min_length=1,
-                               description="feed-forwards to convert: unit names (as "
-                               "`inspect` lists them, e.g. transformer_blocks.0.ff) or 're:' "
-                               "regexes over them")
+                               description="feed-forwards to convert, by module name "
+                               "(transformer_blocks.0.ff; a user's MLP written inline in its "
+                               "block: BLOCK.ff) or 're:' regex over those names")
     calib_samples: int = Field(16, ge=1, le=MAX_COUNT, description="calibration calls used "
                                "for importance, the split and the router fit")
     max_tokens: int = Field(4096, ge=64, le=1_000_000, description="tokens kept per "
