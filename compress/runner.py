@@ -400,7 +400,7 @@ def run_recipe(
     from compress.calib.capture import capture_generic
     from compress.io.manifest import build_manifest
     from compress.io.save import check_out_dir, write_output
-    from compress.metrics.timing import peak_rss_mb
+    from compress.metrics.timing import cpu_model, peak_rss_mb
     from compress.models import load_model
     from compress.models.base import ModelHandle
 
@@ -596,7 +596,7 @@ def run_recipe(
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
-                  "peak_rss_mb": peak_rss_mb(), "device": str(device)},
+                  "peak_rss_mb": peak_rss_mb(), "device": str(device), "cpu": cpu_model()},
         "quality": quality,
         **({"moe_load": moe_load} if moe_load else {}),
         **({"blocks_load": mob_load} if mob_load else {}),

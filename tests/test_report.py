@@ -178,6 +178,35 @@ def test_compare_table_plot_and_pareto(tmp_path: Path):
     assert "prompt accuracy" in md and "compare.png" in md
 
 
+def test_compare_keeps_one_front_per_source_model_and_failed_gates_off_it(tmp_path: Path):
+    """Outputs of different source models each get their own front (a model column says which);
+    an output whose gate failed is shown as failed and never on the front; rows evaluated on
+    different prompts are said not to be comparable."""
+    def run(name, model, bits, acc, passed=True, seeds=(0, 1)):
+        rep = _report(bits=bits, acc=acc)
+        rep["model"] = {"path": model, "family": "pixart", "params": 1_234_567}
+        rep["gates"] = {"prompt_accuracy_drop": {"value": 0.1, "threshold": 0.05,
+                                                 "passed": passed}}
+        rep["eval"] = {"prompts": ["a", "b"], "seeds": list(seeds), "steps": 20}
+        out = tmp_path / name
+        write_report(out, rep)
+        return out
+
+    outs = [run("a-w8", "model-a", 8.0, 0.9), run("a-w4", "model-a", 4.0, 0.8),
+            run("b-w8", "model-b", 8.0, 0.5),  # dominated by both a-rows if models were mixed
+            run("a-w2-failed", "model-a", 2.0, 0.95, passed=False),
+            run("a-other-seeds", "model-a", 5.0, 0.1, seeds=(5, 6))]  # alone: own front
+    md = compare(outs)
+    rows = {line.split("|")[2].strip(): line for line in md.splitlines()
+            if line.startswith("| ") and "model-" in line}
+    front = {k for k, v in rows.items() if v.rstrip(" |").endswith("yes")}
+    assert front == {"a-w8", "a-w4", "b-w8", "a-other-seeds"}  # b-w8: its own model's front
+    assert "FAILED: prompt_accuracy_drop" in rows["a-w2-failed"]
+    assert "passed (1)" in rows["a-w8"]
+    assert "model-b" in rows["b-w8"] and "per source model" in md
+    assert "not comparable" in md and "a-other-seeds" in md.split("not comparable")[1]
+
+
 def test_compare_explicit_plot_psnr_metric(tmp_path: Path):
     a = _write_run(tmp_path, "x", bits=8.0, psnr=math.inf, acc=None)
     b = _write_run(tmp_path, "y", bits=3.0, psnr=25.0, acc=None)

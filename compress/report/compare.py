@@ -31,6 +31,7 @@ _HEADER = [
     "FD",
     "latency/step (ms)",
     "compression (s)",
+    "gates",
     "Pareto front",
 ]
 
@@ -41,6 +42,7 @@ class _Entry:
     report: dict[str, Any]
     bits: float | None
     quality: float | None  # primary metric; inf for a bit-identical PSNR
+    source: str = ""
     front: bool = False
 
 
@@ -78,16 +80,85 @@ def _quality_value(report: dict[str, Any], metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def source_of(report: dict[str, Any]) -> str:
+    """The source model an output was made from: its path, family, class and size."""
+    m = report.get("model") or {}
+    params = m.get("params")
+    size = f", {params / 1e6:.2f} M params" if isinstance(params, (int, float)) else ""
+    cls = f" {m['class']}" if m.get("class") else ""
+    return f"{m.get('path') or 'a module'} ({m.get('family', '?')}{cls}{size})"
+
+
+def gates_failed(report: dict[str, Any]) -> list[str]:
+    return [k for k, g in (report.get("gates") or {}).items()
+            if isinstance(g, dict) and g.get("passed") is False]
+
+
+def _eval_key(report: dict[str, Any]) -> str:
+    ev = report.get("eval") or {}
+    return repr((ev.get("prompts"), ev.get("seeds"), ev.get("steps"), ev.get("guidance"),
+                 ev.get("resolution")))
+
+
 def _mark_front(entries: list[_Entry]) -> None:
-    pts = [e for e in entries if e.bits is not None and e.quality is not None]
-    for e in pts:
-        e.front = not any(
-            o is not e
-            and o.bits <= e.bits
-            and o.quality >= e.quality
-            and (o.bits < e.bits or o.quality > e.quality)
-            for o in pts
-        )
+    """Pareto front per source model and evaluation set (rows that can be compared); an
+    output whose gate failed is never on it."""
+    for key in {(e.source, _eval_key(e.report)) for e in entries}:
+        pts = [e for e in entries if (e.source, _eval_key(e.report)) == key
+               and e.bits is not None and e.quality is not None and not gates_failed(e.report)]
+        for e in pts:
+            e.front = not any(
+                o is not e
+                and o.bits <= e.bits
+                and o.quality >= e.quality
+                and (o.bits < e.bits or o.quality > e.quality)
+                for o in pts
+            )
+
+
+def _gates_cell(report: dict[str, Any]) -> str:
+    gates = report.get("gates") or {}
+    failed = gates_failed(report)
+    if failed:
+        return "FAILED: " + ", ".join(failed)
+    checked = [k for k, g in gates.items() if isinstance(g, dict) and g.get("passed") is True]
+    return f"passed ({len(checked)})" if checked else "-"
+
+
+def _notes(entries: list[_Entry]) -> list[str]:
+    """Which figures can be compared across the rows."""
+    notes = []
+    sources = sorted({e.source for e in entries})
+    if len(sources) > 1:
+        notes.append("Rows come from " + str(len(sources)) + " source models (column model); "
+                     "quality and size compare only within one model, so each has its own "
+                     "Pareto front.")
+    for src in sources:
+        evals: dict[str, list[str]] = {}
+        for e in entries:
+            if e.source == src:
+                evals.setdefault(_eval_key(e.report), []).append(e.name)
+        if len(evals) > 1:
+            groups = "; ".join(", ".join(v) for v in evals.values())
+            notes.append(f"Quality of {src} is not comparable across these groups (different "
+                         f"evaluation prompts, seeds or sampler settings; each has its own "
+                         f"front): {groups}.")
+    cpus = {}
+    for e in entries:
+        sp = e.report.get("speed") or {}
+        if sp.get("latency_ms_per_step") is not None:
+            cpus.setdefault(f"{sp.get('cpu', 'unknown CPU')} / {sp.get('device', '?')}",
+                            []).append(e.name)
+    if len(cpus) > 1:
+        notes.append("Latency was measured on different machines (" + "; ".join(
+            f"{k}: {', '.join(v)}" for k, v in cpus.items()) + "): compare it within one.")
+    elif cpus:
+        notes.append(f"Latency: {next(iter(cpus))}, each row's own run (ratios to each row's "
+                     "baseline in its report are the comparable figure).")
+    failed = [e.name for e in entries if gates_failed(e.report)]
+    if failed:
+        notes.append("Failed a gate (kept out of the front): " + ", ".join(failed) + ".")
+    return notes
 
 
 def _row(e: _Entry) -> list[Any]:
@@ -106,6 +177,7 @@ def _row(e: _Entry) -> list[Any]:
         fmt_num(q.get("frechet_vs_teacher"), 4),
         fmt_num(None if lat is None else float(lat), 2),
         fmt_num(secs, 1),
+        _gates_cell(r),
         "yes" if e.front else "",
     ]
 
@@ -191,13 +263,19 @@ def compare(
         bits = report["size"].get("bits_per_weight")
         entries.append(
             _Entry(
-                shown, report, None if bits is None else float(bits), _quality_value(report, metric)
+                shown, report, None if bits is None else float(bits),
+                _quality_value(report, metric), source_of(report)
             )
         )
     _mark_front(entries)
     label = "prompt accuracy" if metric == "prompt_accuracy" else "PSNR vs teacher"
-    md = table(_HEADER, [_row(e) for e in entries])
-    md += f"\n\nPareto front: higher {label} with fewer bits per weight.\n"
+    many = len({e.source for e in entries}) > 1
+    header = ["model", *_HEADER] if many else _HEADER
+    md = table(header, [([e.source] if many else []) + _row(e) for e in entries])
+    md += f"\n\nPareto front: higher {label} with fewer bits per weight"
+    md += " (per source model).\n" if many else ".\n"
+    for n in _notes(entries):
+        md += f"\n{n}\n"
     plot_path = Path(plot) if plot is not None else None
     if plot_path is None and out_md is not None:
         plot_path = Path(out_md).with_suffix(".png")
