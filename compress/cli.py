@@ -1,4 +1,5 @@
-"""The dit-compress command: run, calibrate, eval, compare, inspect, verify, clean, export-quanto."""
+"""The dit-compress command: run, calibrate, eval, compare, inspect, verify, clean, export-quanto,
+export-gguf."""
 
 from __future__ import annotations
 
@@ -103,6 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="source model, for static activations (default: the manifest's)")
     p.add_argument("--cache-dir", default=None, help="calibration cache root")
+
+    p = sub.add_parser("export-gguf", help="write a ptq output (or a plain model at one type) "
+                       "as a GGUF file diffusers' from_single_file loads")
+    p.add_argument("source", help="a `dit-compress run` output, or with --type any diffusers "
+                   "model folder")
+    p.add_argument("dest", help="the .gguf file to write")
+    p.add_argument("--type", dest="qtype", default=None,
+                   help="quantise every block Linear to this type: Q8_0, Q5_1, Q5_0, Q4_1, "
+                   "Q4_0 or F16 (default: each ptq layer's own bits)")
+    p.add_argument("--float", dest="floats", default="f32", choices=["f32", "f16"],
+                   help="type of the tensors that stay unquantised (default f32)")
+    p.add_argument("--force", action="store_true", help="replace an existing DEST")
     return ap
 
 
@@ -257,6 +270,16 @@ def _cmd_export_quanto(a) -> int:
     return 0
 
 
+def _cmd_export_gguf(a) -> int:
+    from compress.io.gguf_export import export_gguf
+
+    r = export_gguf(a.source, a.dest, qtype=a.qtype, floats=a.floats, force=a.force)
+    print(f"wrote {a.dest} ({r['bytes'] / 2**20:.2f} MB): {len(r['carried'])} layers with their "
+          f"codes carried over, {len(r['requantised'])} re-quantised, {len(r['float_layers'])} "
+          "kept as floats (load with from_single_file + GGUFQuantizationConfig; see README)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -274,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _cmd_run, "calibrate": _cmd_calibrate, "eval": _cmd_eval,
                 "compare": _cmd_compare, "inspect": _cmd_inspect,
-                "verify": _cmd_verify, "clean": _cmd_clean, "export-quanto": _cmd_export_quanto}[a.cmd](a)
+                "verify": _cmd_verify, "clean": _cmd_clean, "export-quanto": _cmd_export_quanto,
+                "export-gguf": _cmd_export_gguf}[a.cmd](a)
     except UserError as exc:
         if a.verbose:
             raise

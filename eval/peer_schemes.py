@@ -215,6 +215,43 @@ def _bf16_full(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any
     return {"io_dtype": [_run_in_bf16(handle.transformer)]}
 
 
+class _GGUFLinear(nn.Module):
+    """A Linear stored as GGUF blocks (what a downloaded .gguf file holds for it), computing
+    with the weight those blocks dequantise to, as GGUF loaders (diffusers' GGUFLinear,
+    ComfyUI-GGUF) do."""
+
+    def __init__(self, lin: nn.Linear, qtype: str) -> None:
+        import gguf
+
+        super().__init__()
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        w = lin.weight.detach().float().cpu().numpy()
+        blocks = gguf.quants.quantize(w, kind)
+        self.register_buffer("blocks", torch.from_numpy(blocks.copy()))
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone())
+        deq = torch.from_numpy(gguf.quants.dequantize(blocks, kind).reshape(w.shape).copy())
+        self.register_buffer("_w", deq.to(lin.weight.dtype), persistent=False)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self._w.to(x.dtype),
+                                          None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _gguf(qtype: str) -> ApplyFn:
+    def apply(handle: ModelHandle, layers: Layers, calib: Any) -> dict[str, Any]:
+        kept = []
+        for name, mod, _ in layers:
+            if mod.in_features % 32:  # GGUF blocks are 32 inputs: such rows stay float
+                kept.append(name)
+                continue
+            owner, _, attr = name.rpartition(".")
+            setattr(handle.transformer.get_submodule(owner) if owner else handle.transformer,
+                    attr, _GGUFLinear(mod, qtype))
+        return {"gguf_type": qtype, "left_float": kept}
+    return apply
+
+
 PEER_SPECS: dict[str, _Peer] = {
     "quanto-w8a8": _Peer(
         "optimum-quanto qint8 weights (per output channel) + qint8 static activations, "
@@ -246,6 +283,21 @@ PEER_SPECS: dict[str, _Peer] = {
         "quantized to int8 per token, int8 matmul; threshold at the class default (0: no "
         "outlier split), swapped in by hand",
         _bnb_int8, "bitsandbytes", {"has_fp16_weights": False, "threshold": "class default"},
+    ),
+    "gguf-q8_0": _Peer(
+        "the original's Linears as GGUF Q8_0 (blocks of 32 int8 with an fp16 scale, the gguf "
+        "package's quantiser: what a downloaded Q8_0 file holds), dequantised to compute",
+        _gguf("Q8_0"), "gguf", {"type": "Q8_0"},
+    ),
+    "gguf-q4_0": _Peer(
+        "the original's Linears as GGUF Q4_0 (blocks of 32 symmetric 4-bit codes with an fp16 "
+        "scale), dequantised to compute",
+        _gguf("Q4_0"), "gguf", {"type": "Q4_0"},
+    ),
+    "gguf-q4_1": _Peer(
+        "the original's Linears as GGUF Q4_1 (blocks of 32 4-bit codes, fp16 scale and minimum), "
+        "dequantised to compute",
+        _gguf("Q4_1"), "gguf", {"type": "Q4_1"},
     ),
     "bf16": _Peer(
         "the targeted layers' weights cast to bfloat16 (their inputs cast to bf16, outputs "

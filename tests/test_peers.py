@@ -117,3 +117,11 @@ def test_bits_per_weight_monotone(peer_report: Callable[[str], dict[str, Any]]) 
 def test_unknown_peer_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown peer"):
         peers.run_peer("quanto-w3", "demo", tmp_path, 1)
+
+
+def test_gguf_peers_hold_gguf_blocks(peer_report: Callable[[str], dict[str, Any]]) -> None:
+    """Q8_0 stores 8.5 bits per quantised weight and Q4_0 4.5: fewer bytes, lower PSNR."""
+    q8, q4 = peer_report("gguf-q8_0"), peer_report("gguf-q4_0")
+    assert q4["size"]["bytes"] < q8["size"]["bytes"] < q8["model"]["original_bytes"]
+    assert q8["quality"]["identical_to_teacher"] or \
+        q8["quality"]["psnr_vs_teacher"] > q4["quality"]["psnr_vs_teacher"]
