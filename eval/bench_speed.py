@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compress.modules.int4 import Int4Linear
 from compress.modules.qlinear import QLinear
@@ -161,6 +162,37 @@ def v_quanto_w4(master: nn.Module, bf16: nn.Module) -> nn.Module:
 
 def v_quanto_w8(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _quanto(master, "qint8", None)
+
+
+def _torchao(master: nn.Module, kind: str, compiled: bool = False) -> nn.Module:
+    """torchao 0.18's quantize_ on the block Linears of the bf16 model (see eval/peer_ao.py)."""
+    from peer_ao import _torchao_config
+    from torchao.quantization import quantize_
+
+    model = _bf16(master)
+    names = set(block_linears(model))
+    quantize_(model, _torchao_config(kind), filter_fn=lambda m, fqn: fqn in names)
+    return _compiled(model, freeze=False) if compiled else model
+
+
+def v_torchao_int8_dynamic(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _torchao(master, "int8-dynamic")
+
+
+def v_torchao_int8_dynamic_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _torchao(master, "int8-dynamic", compiled=True)
+
+
+def v_torchao_int8_wo(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _torchao(master, "int8-wo")
+
+
+def v_torchao_int4_wo(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _torchao(master, "int4-wo-g64")
+
+
+def v_torchao_fp8_wo(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _torchao(master, "fp8-wo")
 
 
 def _ours_w8a8(master: nn.Module, act: str, fuse: bool = True) -> nn.Module:
@@ -302,6 +334,12 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "quanto-w8a8": (v_quanto_w8a8, "optimum-quanto qint8 W + qint8 A (calibrated)"),
     "quanto-w4": (v_quanto_w4, "optimum-quanto qint4 weights"),
     "quanto-w8": (v_quanto_w8, "optimum-quanto qint8 weights"),
+    "torchao-int8-dynamic": (v_torchao_int8_dynamic, "torchao Int8DynamicActivationInt8Weight"),
+    "torchao-int8-dynamic-compile": (v_torchao_int8_dynamic_compile,
+                                     "torchao int8 dynamic, torch.compile (default mode)"),
+    "torchao-int8-wo": (v_torchao_int8_wo, "torchao Int8WeightOnly"),
+    "torchao-int4-wo": (v_torchao_int4_wo, "torchao IntxWeightOnly int4, groups of 64"),
+    "torchao-fp8-wo": (v_torchao_fp8_wo, "torchao Float8WeightOnly"),
     "ours-w8a8-dynamic": (v_ours_w8a8_dynamic, "W8A8Linear, per-token dynamic activations"),
     "ours-w8a8-static": (v_ours_w8a8_static, "W8A8Linear, static per-tensor activations"),
     "ours-w8a8-dynamic-unfused": (
@@ -400,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         builder, desc = VARIANTS[name]
         t0 = time.perf_counter()
+        try:
+            with _quiet():
+                model = builder(master, bf16)
+        except ImportError as exc:  # an optional peer tool that is not installed
+            print(f"  {name:26s} skipped: {exc} (pip install -e .[peers])", flush=True)
+            continue
         with _quiet():
-            model = builder(master, bf16)
             inputs = make_inputs(torch.float32 if name == "fp32" else torch.bfloat16)
             paired = name != "bf16"
             ours, ref = time_variant(model, bf16 if paired else None, inputs, runs, args.warmup)

@@ -322,4 +322,13 @@ def _tp_peers() -> dict[str, _Peer]:
 
 
 PEER_SPECS.update(_tp_peers())
+
+
+def _ao_peers() -> dict[str, _Peer]:
+    from peer_ao import peers
+
+    return peers(lambda desc, apply, tool, settings: _Peer(desc, apply, tool, settings))
+
+
+PEER_SPECS.update(_ao_peers())
 PEERS: dict[str, str] = {name: spec.description for name, spec in PEER_SPECS.items()}

@@ -212,7 +212,7 @@ def run_peer(
         UserError: unknown peer name, a transformer folder without a pipeline, a module
             without calibrate_fn / sample_fn.
     """
-    from compress.metrics.timing import peak_rss_mb
+    from compress.metrics.timing import cpu_model, peak_rss_mb
     from compress.passes.ptq import DEFAULT_INCLUDE
     from compress.recipe import CalibrationConfig, EvalConfig
     from compress.report import write_report
@@ -261,6 +261,11 @@ def run_peer(
     tr.eval()
     # before any forward: bitsandbytes repacks 4-bit weights for its CPU kernel on first use
     new_bytes = peer_stored_bytes(tr)
+    nominal = details.pop("_nominal_quantised_bytes", None)
+    simulated = bool(details.pop("_simulated_speed", False))
+    if nominal is not None:  # fake quantisation: float weights held, the format's size counted
+        new_bytes += nominal - sum(m.weight.numel() * m.weight.element_size()
+                                   for _, m, _ in layers)
 
     with _peer_limit(name, "sampling"):
         student = st.sample()
@@ -302,7 +307,8 @@ def run_peer(
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
-                  "peak_rss_mb": peak_rss_mb(), "device": str(device)},
+                  "peak_rss_mb": peak_rss_mb(), "device": str(device), "cpu": cpu_model(),
+                  **({"simulated": True} if simulated else {})},
         "quality": quality,
         "gates": {},
         "eval": {"prompts": st.eval_prompts, "seeds": st.eval_seeds, **st.gen_args},

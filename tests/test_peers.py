@@ -53,6 +53,9 @@ def peer_report(
                 pytest.skip(reason)
         if name.startswith("tp-") and importlib.util.find_spec("torch_pruning") is None:
             pytest.skip("torch-pruning is not installed (pip install torch-pruning==1.6.1)")
+        for prefix, mod in (("torchao-", "torchao"), ("modelopt-", "modelopt")):
+            if name.startswith(prefix) and importlib.util.find_spec(mod) is None:
+                pytest.skip(f"{mod} is not installed (pip install -e .[peers])")
         if name not in done:
             # one calibration prompt, one evaluation prompt; caches shared by every peer
             out = peers.run_peer(name, str(src), work / name, 1, calib_prompts=1,

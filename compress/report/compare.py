@@ -175,7 +175,8 @@ def _row(e: _Entry) -> list[Any]:
         fmt_num(q.get("ssim_vs_teacher"), 4),
         fmt_pct(q.get("prompt_accuracy")),
         fmt_num(q.get("frechet_vs_teacher"), 4),
-        fmt_num(None if lat is None else float(lat), 2),
+        fmt_num(None if lat is None else float(lat), 2) + (" (simulated)"
+                                                           if speed.get("simulated") else ""),
         fmt_num(secs, 1),
         _gates_cell(r),
         "yes" if e.front else "",
