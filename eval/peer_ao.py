@@ -75,8 +75,8 @@ def torchao(kind: str, compiled: bool = False):
 
             narrow = {n for n, m, _ in layers if m.in_features % 64}
             names -= narrow
-            g32 = {n for n in narrow if dict((k, m) for k, m, _ in layers)[n].in_features % 32
-                   == 0}
+            width = {k: m.in_features for k, m, _ in layers}
+            g32 = {n for n in narrow if width[n] % 32 == 0}
             quantize_(handle.transformer, IntxWeightOnlyConfig(
                 weight_dtype=torch.int4, granularity=PerGroup(32)),
                 filter_fn=lambda m, fqn: fqn in g32)
@@ -141,15 +141,15 @@ def modelopt(preset_name: str):
 def peers(make) -> dict[str, Any]:
     """The peer specs, built with ``make(description, apply, tool, settings)``."""
     ao = {
-        "torchao-int8-dynamic": ("int8-dynamic", False, "int8 weights per channel + int8 "
-                                 "dynamic per-token activations (Int8DynamicActivationInt8Weight"
-                                 "Config), eager"),
-        "torchao-int8-dynamic-compiled": ("int8-dynamic", True, "as torchao-int8-dynamic, the "
-                                          "transformer compiled with torch.compile"),
-        "torchao-int8-wo": ("int8-wo", False, "int8 weight-only per channel "
-                            "(Int8WeightOnlyConfig)"),
-        "torchao-int4-wo-g64": ("int4-wo-g64", False, "int4 weight-only in groups of 64 "
-                                "(IntxWeightOnlyConfig; on CPU each code takes a byte)"),
+        "torchao-int8-dynamic": ("int8-dynamic", False, (
+            "int8 weights per channel + int8 dynamic per-token activations "
+            "(Int8DynamicActivationInt8WeightConfig), eager")),
+        "torchao-int8-dynamic-compiled": ("int8-dynamic", True, (
+            "as torchao-int8-dynamic, the transformer compiled with torch.compile")),
+        "torchao-int8-wo": ("int8-wo", False, "int8 weight-only per channel (Int8WeightOnlyConfig)"),
+        "torchao-int4-wo-g64": ("int4-wo-g64", False, (
+            "int4 weight-only in groups of 64 (IntxWeightOnlyConfig; on CPU each code takes a "
+            "byte)")),
         "torchao-fp8-wo": ("fp8-wo", False, "fp8 e4m3 weight-only (Float8WeightOnlyConfig)"),
     }
     out = {name: make(f"torchao 0.18 {desc}", torchao(kind, comp), "torchao",
