@@ -234,6 +234,13 @@ def _check_order(recipe: Recipe, where: str) -> None:
                 f"{where}: 'passes.{i}': '{name}' changes the model after '{seen_format}' "
                 "quantized it; put structural and training passes before ptq/vq"
             )
+    names = [n for n, _ in recipe.pass_specs()]
+    if "route_blocks" in names:
+        later = [n for n in names[names.index("route_blocks") + 1:]
+                 if n in ("prune_depth", "prune_width", "to_moe", "route_blocks")]
+        if later:
+            raise UserError(f"{where}: '{later[0]}' after 'route_blocks': routed groups must "
+                            "keep their blocks and layers; put it before route_blocks")
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is not a recipe

@@ -409,3 +409,13 @@ def test_moe_then_routed_blocks_then_distill_reload_with_the_run_images(
     assert rep["size"]["params_active"] < 0.7 * rep["size"]["params_total"]
     feats = rep["passes"][2]["feature_pairs"]
     assert all(s.endswith((".1", ".3", ".5")) for s in feats)  # group ends only
+
+
+def test_structural_passes_after_route_blocks_are_refused(tmp_path):
+    from compress.recipe import validate
+
+    for later in ({"prune_depth": {"method": "influence", "ratio": 0.25}},
+                  {"to_moe": {"experts": 2}}):
+        with pytest.raises(UserError, match="after 'route_blocks'"):
+            validate({"name": "x", "passes": [{"route_blocks": {"group": 2, "keep": 1}},
+                                              later]})
