@@ -419,3 +419,23 @@ def test_structural_passes_after_route_blocks_are_refused(tmp_path):
         with pytest.raises(UserError, match="after 'route_blocks'"):
             validate({"name": "x", "passes": [{"route_blocks": {"group": 2, "keep": 1}},
                                               later]})
+
+
+def test_distill_with_lora_trains_the_routers_in_full(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """LoRA wraps the experts' Linears; the routers stay plain Linears that learn, so the
+    routing the Route object computes is the trained router's."""
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("pixart"))
+    rec = _recipe({"distill": {"steps": 3, "batch": 2, "lr": 0.05, "checkpoint_every": 0,
+                               "lora": {"rank": 2, "alpha": 2},
+                               "data": {"num_prompts": 2, "seeds_per_prompt": 1}}},
+                  experts=4, top_k=1)
+    rep = compress.run_recipe(rec, src, tmp_path / "o")
+    ours = compress.load_pipeline(tmp_path / "o").transformer
+    pair = next(m for m in ours.modules() if isinstance(m, moe.MoEIn))
+    assert isinstance(pair.router, nn.Linear) and pair.route.router is pair.router
+    assert rep["passes"][1]["lora_merged"] > 0
+    compress.run_recipe(_recipe(experts=4, top_k=1), src, tmp_path / "untrained")
+    start = compress.load_pipeline(tmp_path / "untrained").transformer
+    first = next(m for m in start.modules() if isinstance(m, moe.MoEIn))
+    assert not torch.equal(first.router.weight, pair.router.weight)  # the router learned

@@ -85,10 +85,12 @@ class Config(StrictModel):
 
 def _params(tr: nn.Module, blocks: list[str], cfg: Config) -> list[tuple[str, nn.Parameter]]:
     tr.requires_grad_(False)
-    if cfg.lora is not None:
+    if cfg.lora is not None:  # routers (MoE, routed blocks) are tiny: they train in full
+        routers = [(n, p) for n, p in tr.named_parameters()
+                   if ".router." in n or ".t_router." in n or n.startswith("block_routers.")]
         lin = [f"{b}.{n}" for b in blocks for n, m in tr.get_submodule(b).named_modules()
-               if isinstance(m, nn.Linear)]
-        params = kd.add_lora(tr, lin, cfg.lora.rank, cfg.lora.alpha, cfg.seed)
+               if isinstance(m, nn.Linear) and not n.endswith(("router", "t_router"))]
+        params = kd.add_lora(tr, lin, cfg.lora.rank, cfg.lora.alpha, cfg.seed) + routers
     elif cfg.train == "blocks":
         params = [(f"{b}.{n}", p) for b in blocks for n, p in tr.get_submodule(b).named_parameters()]
     else:
