@@ -144,6 +144,12 @@ class MixedSpec(Strict):
     keep_high: list[str] = Field(default_factory=list, description="selectors forced to max bits")
     image_prompts: int = Field(2, ge=1, le=1000)
     image_steps: int = Field(8, ge=1, le=MAX_STEPS)
+    image_estimate: Literal["measure", "first_order"] = Field(
+        "measure", description="measure: sample once per layer and candidate; first_order: "
+        "estimate every layer's effect on the final latent from image_probes backward passes "
+        "through the sampler (pipelines; a module's sampler is always measured)")
+    image_probes: int = Field(4, ge=1, le=1000, description="first_order: Gaussian probes "
+                              "(backward passes per prompt)")
     if_unreachable: Literal["refuse", "cheapest"] = Field(
         "refuse", description="a budget below the model's cheapest allocation (per-row scales "
         "on narrow layers): refuse, or take the cheapest and report budget_met: false")

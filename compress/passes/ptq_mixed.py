@@ -46,6 +46,21 @@ def _image_sampler(handle, calib, mp):
     return None
 
 
+def _latents(handle, calib, mp):
+    """The pipeline's final latents on the first calibration prompts, differentiable through
+    every denoising step (time-step gradient checkpointing)."""
+    from compress.prune.trajectory import final_latent
+
+    m = calib.meta
+    prompts = list(m["prompts"])[: mp.image_prompts]
+    seeds = list(m["seeds"])[: mp.image_prompts]
+
+    def run():
+        return [final_latent(handle, p, s, mp.image_steps, m.get("guidance"),
+                             m.get("resolution")) for p, s in zip(prompts, seeds)]
+    return run
+
+
 def candidates_of(mp, names, aux: set[str]) -> dict[str, tuple[int, ...]]:
     """Each layer's bit options: the recipe's candidates, plus 16 (kept) for auxiliary ones."""
     return {n: tuple(sorted(set(mp.candidates) | ({16} if n in aux else set()))) for n in names}
@@ -87,7 +102,12 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     """
     from compress.quant import mixed
     from compress.quant.collect import RowSampler, run_stage
-    from compress.quant.sensitivity import Choice, image_tables, output_tables
+    from compress.quant.sensitivity import (
+        Choice,
+        first_order_tables,
+        image_tables,
+        output_tables,
+    )
     from compress.targets import matches
 
     mp = cfg.mixed_precision
@@ -117,7 +137,13 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     out_t = output_tables(weights, inputs, choices)
     tables.append(mixed.normalise(out_t))
     img_t = None
-    gen = _image_sampler(handle, calib, mp) if "image" in mp.metrics else None
+    estimate = "measure"
+    if "image" in mp.metrics and mp.image_estimate == "first_order" \
+            and handle.pipeline is not None:
+        img_t, estimate = first_order_tables(_latents(handle, calib, mp), mods, choices,
+                                             mp.image_probes), "first_order"
+        tables.append(mixed.normalise(img_t))
+    gen = _image_sampler(handle, calib, mp) if "image" in mp.metrics and img_t is None else None
     if gen is not None:
         img_t = image_tables(gen, mods, choices)
         tables.append(mixed.normalise(img_t))
@@ -151,6 +177,7 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
                         "budget_met": alloc.avg_bits <= mp.avg_bits + 1e-9,
                         "cheapest_avg_bits": round(cheapest, 3),
                         "metrics": mp.metrics if img_t else ["output"],
+                        "image_estimate": estimate if img_t else None,
                         **({"image_metric": "not measured: no pipeline and no sample_fn to "
                             "sample the module"} if "image" in mp.metrics and not img_t else {}),
                         "kept_full_precision": kept, "table": table}

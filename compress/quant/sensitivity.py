@@ -4,7 +4,13 @@
   calibration inputs (cheap, every layer);
 - image: PSNR of the pipeline's decoded images (or a user's sampler's images or latents) with
   only that layer quantised, against the unquantised ones, on a few calibration prompts or
-  seeds (what users see; one sampling run per layer and candidate).
+  seeds (what users see; one sampling run per layer and candidate);
+- image, first order (``image_estimate: first_order``, pipelines): the expected squared change
+  of the final denoised latent when a layer's weight moves by its quantisation error dW,
+  estimated for every layer and candidate at once from a few backward passes through the whole
+  sampling trajectory: with Gaussian probes r, E[(r . J dW)^2] = |J dW|^2, and one backward of
+  r . latent gives r . J for every weight. The number of sampling runs is prompts x probes,
+  whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -72,4 +78,47 @@ def image_tables(generate: Callable[[], tuple[np.ndarray, str]],
             finally:
                 mod.weight.data = w0
             out[n][b] = max(sample_error(ref, got, kind), 1e-10)
+    return out
+
+
+def first_order_tables(latents: Callable[[], list[torch.Tensor]],
+                       modules: Mapping[str, torch.nn.Module], choices: Mapping[str, Choice],
+                       probes: int, seed: int = 0) -> dict[str, dict[int, float]]:
+    """{layer: {bits: estimated mean squared change of the final latent}} with only that layer
+    quantised, 0 for the full-precision option. ``latents()`` runs the sampler (with autograd
+    through it) and returns its final latents."""
+    names = list(modules)
+    weights = [modules[n].weight for n in names]
+    flags = [w.requires_grad for w in weights]
+    deltas = {}
+    for n, w in zip(names, weights):
+        c = choices[n]
+        w0 = w.detach()
+        deltas[n] = {b: (fake_quant_weight(w0.flatten(1), b, c.group_size, c.symmetric)
+                         .reshape(w0.shape).to(w0.dtype) - w0)
+                     for b in c.candidates if b < FLOAT_BITS}
+    total = {n: dict.fromkeys(deltas[n], 0.0) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    runs = 0
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for _ in tqdm(range(probes), desc="image sensitivity (first order)", leave=False):
+            outs = latents()
+            size = sum(o.numel() for o in outs)
+            probe = sum((torch.randn(o.shape, generator=gen).to(o.device, o.dtype) * o).sum()
+                        for o in outs)
+            grads = torch.autograd.grad(probe, weights, allow_unused=True)
+            for n, g in zip(names, grads):
+                for b, d in deltas[n].items():
+                    v = 0.0 if g is None else float((g.float() * d.float()).sum())
+                    total[n][b] += v * v / size
+            runs += 1
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+    out = {}
+    for n in names:
+        out[n] = {b: max(total[n][b] / max(runs, 1), 1e-12) for b in deltas[n]}
+        out[n].update({b: 0.0 for b in choices[n].candidates if b >= FLOAT_BITS})
     return out
