@@ -397,6 +397,15 @@ def run_recipe(
         The report (the content of report.json). Raises GateFailed after writing the output
         when a gate fails.
     """
+    t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+    last = [t_start]
+
+    def phase(name: str) -> None:  # wall time since the previous phase ended
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - last[0], 3)
+        last[0] = now
+
     from compress.calib.capture import capture_generic
     from compress.io.manifest import build_manifest
     from compress.io.save import check_out_dir, write_output
@@ -469,6 +478,7 @@ def run_recipe(
                 pass
     torch.manual_seed(recipe.seed)
     tr = handle.transformer
+    phase("load_and_checks")
     t_run = time.perf_counter()
     orig_params = count_params(tr)
     orig_bytes = stored_bytes(tr)
@@ -498,6 +508,7 @@ def run_recipe(
         check_format_overlap(handle, recipe)
     if any(get_pass(n).needs_calibration for n, _ in recipe.pass_specs()) and calib is None:
         raise UserError("this recipe's passes need calibration data: pass calibrate_fn= for an nn.Module")
+    phase("calibration")
 
     ev = recipe.eval
     do_eval = ev.enabled and handle.pipeline is not None
@@ -520,9 +531,11 @@ def run_recipe(
             "resolution": ev.resolution or defaults["resolution"],
         }
         teacher = teacher_images(handle, eval_prompts, eval_seeds, cache_dir=cache, **gen_args)
+    phase("original_samples")
     base_latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
-
+    phase("latency")
     pass_data = _pass_data(handle, recipe, calib, defaults, cache, device, dist)
+    phase("pass_data")
     if any(get_pass(n).needs_teacher for n, _ in recipe.pass_specs()):
         handle.teacher = _frozen_copy(tr)
     handle.run = {"device": device, "cache": cache, "resume": resume,
@@ -542,6 +555,7 @@ def run_recipe(
     handle.teacher = None
     tr = handle.transformer
     tr.eval()
+    phase("passes")
     if dist is not None and not dist.is_main_process:
         # the other processes of a distributed run helped train; the main one evaluates and saves
         dist.wait_for_everyone()
@@ -571,11 +585,13 @@ def run_recipe(
         eval_prompts = [str(c) for c in conditions] if conditions is not None else None
     if not do_eval and not own_eval and calib is not None and len(calib):
         step_latency_ms(handle, calib, 1)  # no evaluation run: count routing on calibration
+    phase("evaluation")
     inactive, moe_load, mob_load = mob.inactive_params(tr), moe.load_report(tr), \
         mob.load_report(tr)
     moe.collect(tr, False)
     mob.collect(tr, False)
     latency = step_latency_ms(handle, calib, ev.latency_repeats) if ev.latency else None
+    phase("latency")
 
     new_bytes = stored_bytes(tr)
     total_params = count_params(tr)
@@ -601,7 +617,9 @@ def run_recipe(
         **({"moe_load": moe_load} if moe_load else {}),
         **({"blocks_load": mob_load} if mob_load else {}),
         "timing": {"total_seconds": round(time.perf_counter() - t_run, 3),
-                   "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3)},
+                   "passes_seconds": round(sum(e["seconds"] for e in pass_entries), 3),
+                   "wall_seconds": round(time.perf_counter() - t_start, 3),
+                   "phases_seconds": dict(phases)},
         "eval": ({"prompts": eval_prompts, "seeds": eval_seeds, **gen_args}
                  if do_eval or own_eval else None),
     }

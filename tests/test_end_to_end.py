@@ -43,6 +43,11 @@ def test_run_save_load_bit_equal(family, tiny_pipeline_dir, tmp_path, monkeypatc
     assert rep["passes"][0]["layers_quantized"] > 0
     assert (out / "transformer" / "compress_manifest.json").is_file()
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    t = rep["timing"]  # the whole run's wall time and each phase's
+    assert {"calibration", "original_samples", "passes", "evaluation", "latency"} <= \
+        set(t["phases_seconds"])
+    assert sum(t["phases_seconds"].values()) <= t["wall_seconds"] + 1e-3
+    assert t["phases_seconds"]["passes"] >= t["passes_seconds"] - 0.05
 
     pipe = compress.load_pipeline(out)
     handle = load_model(str(src))
