@@ -35,12 +35,9 @@ def _need(module: str, dist: str) -> None:
 
 
 def _calls(handle: ModelHandle, calib: Any):
-    def run(model) -> None:
-        with torch.no_grad():
-            for i in range(len(calib)):
-                s = calib.sample(i)
-                handle.adapter.call(model, s.args, s.kwargs)
-    return run
+    from compress.calib.dataset import replay
+
+    return lambda model: replay(handle, calib, model)
 
 
 # ----------------------------------------------------------------------------- torchao

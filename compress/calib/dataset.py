@@ -431,3 +431,14 @@ def inputs_to_block(
                         "model.blocks or compress.ModelSpec(blocks=...) (compress.inspect shows "
                         "what was found)")
     return seen[0]
+
+
+def replay(handle: Any, samples: CalibrationSet, model: nn.Module | None = None) -> None:
+    """Run every sample of ``samples`` through ``model`` (default: the handle's transformer)
+    on the handle's device, without gradients (what hooks that record activations need)."""
+    dev = handle.run.get("device", "cpu")
+    tr = handle.transformer if model is None else model
+    with torch.no_grad():
+        for i in range(len(samples)):
+            s = samples.sample(i).to(dev)
+            handle.adapter.call(tr, s.args, s.kwargs)

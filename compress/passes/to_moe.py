@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from compress.calib.dataset import replay
 from compress.config import MAX_COUNT, StrictModel
 from compress.errors import UserError
 from compress.models import width
@@ -128,8 +129,7 @@ def _tokens(t: torch.Tensor, conv: bool) -> torch.Tensor:
 def _record(handle, samples, specs: list[dict], max_tokens: int, seed: int):
     """Per unit: FFN input tokens X [T, D] and hidden activations A [T, H] (a random subset of
     at most ``max_tokens`` tokens, spread over the samples)."""
-    tr, ad = handle.transformer, handle.adapter
-    dev = handle.run.get("device", "cpu")
+    tr = handle.transformer
     per_call = max(1, max_tokens // max(len(samples), 1))
     gen = torch.Generator().manual_seed(seed)
     xs: dict[str, list] = {s["unit"]: [] for s in specs}
@@ -158,10 +158,7 @@ def _record(handle, samples, specs: list[dict], max_tokens: int, seed: int):
         hooks.append(tr.get_submodule(o["name"]).register_forward_pre_hook(
             on_out(s["unit"], o["conv"], o["offset"], s["hidden"])))
     try:
-        with torch.no_grad():
-            for i in range(len(samples)):
-                x = samples.sample(i).to(dev)
-                ad.call(tr, x.args, x.kwargs)
+        replay(handle, samples)
     finally:
         for h in hooks:
             h.remove()

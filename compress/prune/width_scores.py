@@ -20,14 +20,11 @@ from compress.prune.width_gates import Gates, magnitude
 
 
 def activation(handle, samples, units: list[Unit]) -> dict[str, torch.Tensor]:
-    tr, ad = handle.transformer, handle.adapter
-    dev = handle.run.get("device", "cpu")
-    gates = Gates(tr, units, record=True)
+    from compress.calib.dataset import replay
+
+    gates = Gates(handle.transformer, units, record=True)
     try:
-        with torch.no_grad():
-            for i in range(len(samples)):
-                s = samples.sample(i).to(dev)
-                ad.call(tr, s.args, s.kwargs)
+        replay(handle, samples)
     finally:
         gates.remove()
     return gates.mean_abs()
