@@ -145,10 +145,10 @@ class MixedSpec(Strict):
     image_prompts: int = Field(2, ge=1, le=1000)
     image_steps: int = Field(8, ge=1, le=MAX_STEPS)
     image_estimate: Literal["measure", "first_order"] = Field(
-        "measure", description="measure: sample once per layer and candidate; first_order: "
+        "first_order", description="measure: sample once per layer and candidate; first_order: "
         "estimate every layer's effect on the final latent from image_probes backward passes "
         "through the sampler (pipelines; a module's sampler is always measured)")
-    image_probes: int = Field(4, ge=1, le=1000, description="first_order: Gaussian probes "
+    image_probes: int = Field(8, ge=1, le=1000, description="first_order: Gaussian probes "
                               "(backward passes per prompt)")
     if_unreachable: Literal["refuse", "cheapest"] = Field(
         "refuse", description="a budget below the model's cheapest allocation (per-row scales "
