@@ -29,6 +29,7 @@ class BlockGroup:
                  time_dims: int) -> None:
         self.size, self.keep, self.router, self.ctx = size, keep, router, ctx
         self.time_dims = time_dims
+        self.explore = False  # Gumbel noise on the choice (distill turns it on while training)
         self.rows: list[torch.Tensor] = []
         self.gate: list[torch.Tensor] = []
         self.batch = 0
@@ -47,7 +48,13 @@ class BlockGroup:
             feats = torch.cat([feats, time_features(tt.to(x.device))], dim=1)
         logits = self.router(feats.to(self.router.weight.dtype)).float()
         probs = logits.softmax(-1)
-        top = logits.topk(self.keep, dim=-1).indices  # [B, keep]
+        pick = logits
+        if self.explore and torch.is_grad_enabled():
+            # training: Gumbel noise on the choice, so other blocks get tried and the router
+            # hears, through the gate's gradient, whether they would have served better
+            u = torch.rand(logits.shape, device=logits.device).clamp(1e-9, 1 - 1e-9)
+            pick = logits - torch.log(-torch.log(u))
+        top = pick.topk(self.keep, dim=-1).indices  # [B, keep]
         chosen = torch.zeros(b, self.size, dtype=torch.bool, device=x.device)
         chosen.scatter_(1, top, True)
         gate = probs - probs.detach()  # value zero: added as gate x (out - in)
@@ -164,6 +171,12 @@ def block_groups(transformer: nn.Module) -> list[tuple[list[str], BlockGroup]]:
             grp = m._mob[0]
             found.setdefault(id(grp), ([], grp))[0].append(name)
     return list(found.values())
+
+
+def explore(transformer: nn.Module, on: bool) -> None:
+    """Gumbel noise on the routed blocks' choices (while their routers train)."""
+    for _, g in block_groups(transformer):
+        g.explore = on
 
 
 def collect(transformer: nn.Module, on: bool = True) -> None:

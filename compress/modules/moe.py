@@ -423,8 +423,14 @@ def inactive_params(transformer: nn.Module) -> float | None:
 
 
 def balance_loss(transformer: nn.Module) -> torch.Tensor | None:
-    """Mean Switch balance loss of the last forward's routers (None without MoE or grad)."""
-    terms = [r.balance for _, r in routes(transformer) if r.balance is not None]
+    """Mean Switch balance loss of the routers that ran since the last call (None without MoE
+    or grad). Consumed: a router in a block the call skipped (routed blocks) adds nothing, not
+    its loss from an earlier call."""
+    terms = []
+    for _, r in routes(transformer):
+        if r.balance is not None:
+            terms.append(r.balance)
+            r.balance = None
     return torch.stack(terms).mean() if terms else None
 
 

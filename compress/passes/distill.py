@@ -193,6 +193,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     ckpt = handle.run.get("checkpoints")
     blocks = [tr.get_submodule(b) for b in trained_blocks]
     tr.train()
+    mob.explore(tr, True)
     try:
         with kd.checkpointed(blocks, cfg.gradient_checkpointing) if cfg.mode == "kd" \
                 else contextlib.nullcontext():
@@ -205,6 +206,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         t_taps.remove()
         if s_taps is not None:
             s_taps.remove()
+        mob.explore(tr, False)
         tr.eval()
     merged = kd.merge_lora(tr)
     tr.requires_grad_(False)

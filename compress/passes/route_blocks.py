@@ -34,6 +34,9 @@ class Config(StrictModel):
     router_timestep: bool = Field(True, description="the group routers also read the timestep")
     calib_samples: int = Field(16, ge=1, le=MAX_COUNT, description="calibration calls for the "
                                "blocks' influence (the routers' starting choice)")
+    start_strength: float = Field(0.5, ge=0, le=100, description="router bias at the start: "
+                                  "this times each block's influence z-score in its group "
+                                  "(0: no preference)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -182,7 +185,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             v = torch.tensor([influence[n] for n in names_g])
             z = (v - v.mean()) / v.std().clamp_min(1e-12)
             g.router.weight.zero_()
-            g.router.bias.copy_(2.0 * z)
+            g.router.bias.copy_(cfg.start_strength * z)
             start[",".join(names_g)] = [names_g[i] for i in
                                         torch.topk(z, cfg.keep).indices.sort().values.tolist()]
     block_params = {n: sum(p.numel() for p in tr.get_submodule(n).parameters()) for n in names}
