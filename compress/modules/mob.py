@@ -212,13 +212,11 @@ def inactive_params(transformer: nn.Module) -> float | None:
     for name, f in fr.items():
         total += (1 - f) * sum(p.numel() for p in transformer.get_submodule(name).parameters())
     for name, r in moe.routes(transformer):
-        tokens = float(r.tokens.sum())
-        if tokens == 0:
+        per_token = r.inactive_per_token()
+        if per_token is None:
             if fr.get(_block_of(name, fr), 1.0) == 0:
                 continue  # its block never ran: all of it is counted above
             return None
-        run = float((r.load.sum(0) * torch.tensor(r.expert_params, dtype=torch.float64)).sum())
-        per_token = sum(r.expert_params) - run / tokens
         total += fr.get(_block_of(name, fr), 1.0) * per_token
     return total
 

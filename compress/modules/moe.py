@@ -118,6 +118,17 @@ def time_context(transformer: nn.Module, name: str | None, position: int | None,
     return ctx
 
 
+def settle_scale(transformer: nn.Module) -> float:
+    """Fix the transformer's TimeHook scale from the largest timestep it has seen (1 for
+    models that take fractions, like FLUX; else 1000 or the largest seen) and return it."""
+    for h in transformer._forward_pre_hooks.values():
+        if isinstance(h, TimeHook):
+            raw = h.ctx.raw_max
+            h.scale = 1.0 if raw <= 1.0 else max(1000.0, raw)
+            return h.scale
+    return 1.0
+
+
 def time_features(frac: torch.Tensor) -> torch.Tensor:
     """[T] fractions -> [T, 16] sinusoidal features (periods from 1/1000 to the whole range)."""
     half = T_FEATURES // 2
@@ -145,6 +156,16 @@ class Route:
         self.lead: tuple = ()
         self.tok: list[torch.Tensor] = []
         self.gate: list[torch.Tensor] = []
+
+    def inactive_per_token(self) -> float | None:
+        """Expert weights a token did NOT run, averaged over the tokens counted since
+        :func:`collect` (None when none was counted)."""
+        tokens = float(self.tokens.sum())
+        if tokens == 0:
+            return None
+        run = float((self.load.sum(0) * torch.tensor(self.expert_params,
+                                                      dtype=torch.float64)).sum())
+        return sum(self.expert_params) - run / tokens
 
     def ready_for(self, x: torch.Tensor) -> bool:
         return self.src == (x.data_ptr(), tuple(x.shape))
@@ -406,22 +427,6 @@ def load_report(transformer: nn.Module) -> dict:
             "max_over_fair_worst": round(max(imbalance), 4)}
 
 
-def inactive_params(transformer: nn.Module) -> float | None:
-    """Expert weights a token does NOT run, averaged over the tokens counted since
-    :func:`collect` (None when nothing was counted)."""
-    rs = routes(transformer)
-    if not rs:
-        return 0.0
-    total = 0.0
-    for _, r in rs:
-        tokens = float(r.tokens.sum())
-        if tokens == 0:
-            return None
-        run = float((r.load.sum(0) * torch.tensor(r.expert_params, dtype=torch.float64)).sum())
-        total += sum(r.expert_params) - run / tokens
-    return total
-
-
 def balance_loss(transformer: nn.Module) -> torch.Tensor | None:
     """Mean Switch balance loss of the routers that ran since the last call (None without MoE
     or grad). Consumed: a router in a block the call skipped (routed blocks) adds nothing, not
@@ -442,9 +447,9 @@ __all__ = [
     "TimeHook",
     "balance_loss",
     "collect",
-    "inactive_params",
     "load_report",
     "routes",
+    "settle_scale",
     "time_context",
     "time_features",
     "timestep_argument",

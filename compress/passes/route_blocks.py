@@ -158,24 +158,15 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         raise UserError("route_blocks needs calibration data")
     samples = calib.subset(cfg.calib_samples)
     names = [n for g in groups for n in g]
-    templates, influence = _probe(handle, samples, names)
-    dim = _dim(handle, samples, groups[0][0])
     arg = moe.timestep_argument(tr)
     if cfg.router_timestep and arg is None:
         raise UserError("route_blocks: router_timestep needs the transformer's forward to take "
                         "the timestep (timestep, t, ...); set router_timestep: false")
     t_name, t_pos = arg if arg is not None else (None, None)
-    scale = next((h.scale for h in tr._forward_pre_hooks.values()
-                  if isinstance(h, moe.TimeHook)), None)
-    ctx = moe.time_context(tr, t_name, t_pos, scale or 1000.0)
-    if scale is None:  # no MoE before: find the timestep range on one call
-        with torch.no_grad():
-            s = samples.sample(0).to(handle.run.get("device", "cpu"))
-            handle.adapter.call(tr, s.args, s.kwargs)
-        scale = 1.0 if ctx.raw_max <= 1.0 else max(1000.0, ctx.raw_max)
-        for h in tr._forward_pre_hooks.values():
-            if isinstance(h, moe.TimeHook):
-                h.scale = scale
+    ctx = moe.time_context(tr, t_name, t_pos, 1000.0)  # to_moe's, if it ran before
+    templates, influence = _probe(handle, samples, names)
+    scale = moe.settle_scale(tr)  # the probe's calls showed the timestep range
+    dim = _dim(handle, samples, groups[0][0])
     device, dtype = _weight(tr)
     grps = mob.install(tr, groups, cfg.keep, templates, dim, cfg.router_timestep, ctx,
                        device=device, dtype=dtype)

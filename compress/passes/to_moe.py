@@ -209,11 +209,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     samples = calib.subset(cfg.calib_samples)
     ctx = moe.time_context(tr, t_name, t_pos, 1.0)
     xs, hs = _record(handle, samples, specs, cfg.max_tokens, cfg.seed)
-    raw = ctx.raw_max
-    scale = 1.0 if raw <= 1.0 else max(1000.0, raw)
-    for h in tr._forward_pre_hooks.values():
-        if isinstance(h, moe.TimeHook):
-            h.scale = scale
+    scale = moe.settle_scale(tr)  # the recorded calls showed the timestep range
     if cfg.split == "random":
         importance = ws.random_scores(units, cfg.seed)
     else:
