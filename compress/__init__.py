@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 # first: before anything can import diffusers (and with it bitsandbytes)
 import compress._peer_logs  # noqa: F401
 from compress.io.load import load_module, load_pipeline, load_transformer
+from compress.lora import load_lora, unload_lora
 from compress.models.spec import ModelSpec
 from compress.recipe import Recipe, load_recipe
 from compress.runner import run_recipe
@@ -18,11 +19,13 @@ __all__ = [
     "ModelSpec",
     "Recipe",
     "inspect",
+    "load_lora",
     "load_module",
     "load_pipeline",
     "load_recipe",
     "load_transformer",
     "run_recipe",
+    "unload_lora",
 ]
 
 

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps; default cpu)")
     p.add_argument("--cache-dir", default=None, help="calibration/teacher cache root "
                    "(default $DIT_COMPRESS_CACHE or ~/.cache/dit-compress)")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a LoRA (.safetensors, or a PEFT adapter directory) for the original "
+                        "model, fused into it before calibration, so the output is compressed "
+                        "from what will run")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="the LoRA's strength when fused (default 1.0)")
     p.add_argument("--resume", action="store_true",
                    help="training passes (distill, learnable pruning) continue from the last "
                    "checkpoint of an interrupted run of the same recipe on the same model")
@@ -125,7 +131,8 @@ def _cmd_run(a) -> int:
 
     try:
         report = run_recipe(a.recipe, a.model, a.out, overrides=a.set, device=a.device,
-                            force=a.force, cache_dir=a.cache_dir, resume=a.resume)
+                            force=a.force, cache_dir=a.cache_dir, resume=a.resume,
+                            lora=a.lora, lora_scale=a.lora_scale)
     except GateFailed as exc:
         report = exc.args[1]
         print("\n".join(summary_lines(report)))

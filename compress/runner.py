@@ -362,6 +362,8 @@ def run_recipe(
     force: bool = False,
     cache_dir: str | Path | None = None,
     resume: bool = False,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> dict:
     """Run a recipe on a model, write the output directory, return the report.
 
@@ -392,6 +394,9 @@ def run_recipe(
             checkpoints, under ``train/``).
         resume: training passes (distill, learnable pruning) continue from their last
             checkpoint of an interrupted run with the same recipe and model.
+        lora: a LoRA made for the model (.safetensors or a PEFT adapter directory), fused into
+            it at ``lora_scale`` before calibration: the output is compressed from (and
+            compared against) the model with the LoRA.
 
     Returns:
         The report (the content of report.json). Raises GateFailed after writing the output
@@ -454,6 +459,11 @@ def run_recipe(
             raise UserError("recipe key 'model' (blocks/roles) applies to your own nn.Module; "
                             f"the {Path(str(model)).name} pipeline's layout is known: remove it")
         handle = load_model(model, device=device)
+    lora_info = None
+    if lora is not None:
+        from compress.lora.load import fuse_source
+
+        lora_info = fuse_source(handle, lora, lora_scale)
     check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None,
                 sample_fn=sample_fn, metric_fn=metric_fn)
     for name, cfg in recipe.pass_specs():  # each pass's model-dependent rules, before any work
@@ -604,6 +614,7 @@ def run_recipe(
                   "class": type(tr).__name__, "original_bytes": orig_bytes,
                   "buffer_elements": orig_elems - orig_params,
                   **({"prepared": prepared} if prepared else {}),
+                  **({"lora": lora_info} if lora_info else {}),
                   **({"structure": structure.to_dict()} if structure is not None else {})},
         "passes": pass_entries,
         "size": {"params_total": total_params,

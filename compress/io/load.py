@@ -124,7 +124,9 @@ def load_transformer(tdir: str | Path, device: str | torch.device = "cpu",
                         f"({type(exc).__name__}); {redo}") from None
     _rebuild(tr, manifest, tdir, redo)
     sd = _state_dict(tdir)
-    return _fill(tr, sd, tdir, device, "weights do not match the manifest", redo)
+    tr = _fill(tr, sd, tdir, device, "weights do not match the manifest", redo)
+    _attach_lora(tr, manifest)
+    return tr
 
 
 def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, device,
@@ -159,6 +161,14 @@ def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, devi
         raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
     own_memory_(module)
     return module.to(device).eval()
+
+
+def _attach_lora(module: torch.nn.Module, manifest: dict) -> None:
+    # LoRA files made for the original load on the output (compress.lora): PEFT learns our
+    # layers, and diffusers' load_lora_adapter re-addresses keys where the structure changed
+    from compress.lora.load import attach
+
+    attach(module, manifest["passes"])
 
 
 def load_module(out: str | Path, module: torch.nn.Module,
@@ -208,8 +218,10 @@ def load_module(out: str | Path, module: torch.nn.Module,
         if k in expected and kept.get(k) is expected[k][1] and expected[k][0] != tuple(v.shape):
             raise UserError(f"{tdir}: {k} is stored with shape {tuple(v.shape)} but the module has "
                             f"{expected[k][0]}; build it with the config it was compressed from")
-    return _fill(module, sd, tdir, device, "the module does not match the output",
-                 "build it with the config it was compressed from")
+    module = _fill(module, sd, tdir, device, "the module does not match the output",
+                   "build it with the config it was compressed from")
+    _attach_lora(module, manifest)
+    return module
 
 
 def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: bool = False):
@@ -250,6 +262,9 @@ def load_pipeline(out: str | Path, device: str | torch.device = "cpu", verify: b
         finally:
             delattr(diffusers, STOCK_MARKER)
         own_memory_(pipe)
+        from compress.lora.load import attach_pipeline
+
+        attach_pipeline(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     return load_transformer(out, device, verify=verify)

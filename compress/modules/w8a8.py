@@ -371,16 +371,19 @@ class W8A8Linear(nn.Module):
         x_scale: float | torch.Tensor,
         out_dtype: torch.dtype,
         out_scale: float | None = None,
+        activation: str | None = None,
     ) -> torch.Tensor:
         """int8 codes [M, in] (from :meth:`quantize_input`) -> act(x W^T + b) [M, out].
 
         ``out_scale``: return int8 codes on that scale instead (static inputs only).
+        ``activation``: instead of the layer's own (a LoRA side branch adds before it).
         """
+        act = self.activation if activation is None else activation
         d = self.prepare()
         if isinstance(x_scale, float):
             return kernels.int8_linear(
                 xq, x_scale, self.weight, d["packed"], self.weight_scale, d["w_zero"], self.bias,
-                out_dtype, self.activation, out_scale,
+                out_dtype, act, out_scale,
             )
         if out_scale is not None:
             raise ValueError("int8 hand-over needs a static input scale")
@@ -390,11 +393,11 @@ class W8A8Linear(nn.Module):
         acc = kernels.int8_linear(
             xq, 1.0, self.weight, d["packed"], self.weight_scale, d["w_zero"], None, acc_dtype
         )
-        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, self.activation)
+        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         xq, x_scale = self.quantize_input(x)
-        y = self.matmul_codes(xq, x_scale, x.dtype)
+        y = self.matmul_codes(xq, x_scale, x.dtype, activation=activation)
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
@@ -465,6 +468,10 @@ class W8A8FeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         proj: W8A8Linear = self.net[0].proj
         out: W8A8Linear = self.net[2]
+        if not (isinstance(proj, W8A8Linear) and isinstance(out, W8A8Linear)):
+            # a LoRA side branch wraps a projection: each layer runs on its own (the wrapper
+            # adds the branch before the GELU the first GEMM applies)
+            return out(proj(hidden_states))
         if proj.act == "static" and out.act == "static":
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())

@@ -1,0 +1,165 @@
+"""LoRA adapters on compressed layers, through PEFT's own machinery.
+
+PEFT wraps only torch's layer types (``Target module QLinear(...) is not supported``). Here a
+PEFT ``lora.Linear`` subclass hosts an adapter beside any of our compressed linears: the
+compressed layer runs as stored and the adapter's ``B @ A`` runs as a floating-point side
+branch, so strengths (``set_adapters``, ``scale_layer``), several adapters, disabling and
+unloading behave as on the original. ``merge`` (``fuse_lora``, ``merge_and_unload``) folds the
+adapter into the compressed weights by re-quantising the layer in its own format (see
+:mod:`compress.lora.fold`), with a warning that says so; ``unmerge`` puts the stored codes back
+exactly.
+
+:func:`install` registers the class with PEFT's dispatcher, so every PEFT entry point
+(``inject_adapter_in_model``, ``PeftModel.from_pretrained``, diffusers' ``load_lora_weights``)
+picks it for our layers. It runs when a compressed output is loaded and from
+:func:`compress.load_lora`; it is idempotent and changes nothing for other layer types.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+_INSTALLED = False
+
+
+def _lora_linear_base():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def _make_class():
+    Linear = _lora_linear_base()
+
+    class CompressedLoraLinear(Linear):
+        """A LoRA side branch beside a compressed linear (QLinear, W8A8Linear, VQLinear, ...)."""
+
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any):
+            if getattr(config, "use_dora", False):
+                raise ValueError(f"{type(base_layer).__name__}: DoRA needs the layer's float "
+                                 "weight; load the adapter as plain LoRA, or on the original")
+            self._stash: dict[str, dict[str, torch.Tensor]] = {}
+            super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+        def _get_in_out_features(self, module: nn.Module):
+            return module.in_features, module.out_features
+
+        def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+            # PEFT takes the dtype of the stored weight, which here may be int8 or fp8 codes:
+            # the branch only follows the layer's device and stays in floating point
+            base = self.get_base_layer()
+            if device is None:
+                device = next((t.device for t in base.buffers() if t is not None), None)
+            if device is None or device.type == "meta":
+                return
+            for attr in self.adapter_layer_names + self.other_param_names:
+                holder = getattr(self, attr, None)
+                if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in holder:
+                    item = holder[adapter_name]
+                    params = list(item.parameters()) if isinstance(item, nn.Module) else [item]
+                    if not any(p.device.type == "meta" for p in params):
+                        item.to(device)
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # A W8A8 layer that applies the feed-forward's GELU inside its GEMM must add the
+            # branch before the activation: the base runs without it, the activation after.
+            base = self.get_base_layer()
+            act = getattr(base, "activation", "none")
+            if act == "none" or kwargs.get("activation") is not None:
+                return super().forward(x, *args, **kwargs)
+            from compress.quant import kernels
+
+            y = super().forward(x, *args, activation="none", **kwargs)
+            return kernels.apply_activation(y, act)
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            from peft.tuners.tuners_utils import check_adapters_to_merge
+
+            from compress.lora.fold import fold_
+
+            names = check_adapters_to_merge(self, adapter_names)
+            base = self.get_base_layer()
+            for name in names:
+                if name not in self.lora_A:
+                    continue
+                delta = self.get_delta_weight(name)
+                if safe_merge and not torch.isfinite(delta).all():
+                    raise ValueError(f"adapter {name!r}: NaN or inf in its weights; not merged")
+                self._stash[name] = {k: v.clone() for k, v in base.state_dict().items()}
+                fold_(base, delta)
+                self.merged_adapters.append(name)
+                warnings.warn(f"{type(base).__name__}: adapter {name!r} folded into the "
+                              "compressed weights by re-quantising them (the side branch is "
+                              "exact; the folded layer is within one rounding step)",
+                              stacklevel=2)
+
+        def unmerge(self) -> None:
+            base = self.get_base_layer()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                stash = self._stash.pop(name, None)
+                if stash is not None:
+                    base.load_state_dict(stash)
+                    if hasattr(base, "release"):
+                        base.release()
+                    if hasattr(base, "_unpacked"):
+                        base._unpacked = None
+
+        def __repr__(self) -> str:
+            return "lora.Compressed" + nn.Module.__repr__(self)
+
+    return CompressedLoraLinear
+
+
+_CLASS = None
+
+
+def lora_class():
+    """The PEFT layer class for compressed linears (built on first use: peft is optional)."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_class()
+    return _CLASS
+
+
+def _unsupported() -> tuple[type, ...]:
+    from compress.modules.moe import MoEIn, MoEOut
+    from compress.modules.qconv import QConv2d
+
+    return (QConv2d, MoEIn, MoEOut)
+
+
+def install() -> bool:
+    """Teach PEFT's dispatcher our compressed linears (idempotent). False if peft is missing."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    try:
+        from peft.tuners.lora.model import LoraModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    from compress.lora.fold import compressed_linear_types
+
+    original = LoraModel._create_new_module
+    hosts = compressed_linear_types()
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, hosts):
+            return lora_class()(target, adapter_name, config=lora_config, **kwargs)
+        if isinstance(base, _unsupported()):
+            raise ValueError(  # noqa: TRY004 - the error PEFT raises for a layer it cannot wrap
+                f"{type(base).__name__}: dit-compress has no LoRA side branch for this layer "
+                "(quantised convolutions, mixture-of-experts halves); leave it out of the "
+                "adapter's target modules, or load it with compress.load_lora, which skips it")
+        return original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module.__wrapped__ = original
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    _INSTALLED = True
+    return True
