@@ -160,7 +160,13 @@ def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, devi
     if still_meta:
         raise UserError(f"{tdir}: no stored value for {still_meta[:3]}; the output is damaged")
     own_memory_(module)
-    return module.to(device).eval()
+    module = module.to(device).eval()
+    from compress.modules.w8a8 import W8A8Linear
+
+    for m in module.modules():  # weights packed once, here: torch.compile then traces no setup
+        if isinstance(m, W8A8Linear):
+            m.prepare()
+    return module
 
 
 def _attach_lora(module: torch.nn.Module, manifest: dict) -> None:

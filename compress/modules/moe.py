@@ -156,6 +156,7 @@ class Route:
         self.lead: tuple = ()
         self.tok: list[torch.Tensor] = []
         self.gate: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # [T, experts] gates (dense form, compiling)
 
     def inactive_per_token(self) -> float | None:
         """Expert weights a token did NOT run, averaged over the tokens counted since
@@ -180,15 +181,29 @@ class Route:
             return t.repeat_interleave(n // samples)
         return t[:1].expand(n)
 
-    def compute(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> None:
-        """Route the [T, D] tokens ``xt`` (from ``samples`` samples) to their top-k experts."""
+    def _logits(self, xt: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.router is None:
             raise RuntimeError("MoE route has no router (the MoEIn holding it was not built)")
-        n = xt.shape[0]
         logits = self.router(xt).float()
-        tt = self._token_time(n, samples)
+        tt = self._token_time(xt.shape[0], samples)
         if self.t_router is not None and tt is not None:
             logits = logits + self.t_router(time_features(tt.to(xt.device)).to(xt.dtype)).float()
+        return logits, tt
+
+    def compute_dense(self, xt: torch.Tensor, samples: int) -> None:
+        """The same routing as a [T, experts] gate matrix (zero where an expert was not
+        chosen): the form torch.compile traces, since its shapes do not depend on the data."""
+        logits, _ = self._logits(xt, samples)
+        top = logits.topk(self.top_k, dim=-1).indices
+        chosen = logits.softmax(-1).gather(1, top)
+        gate = (1.0 + chosen - chosen.detach()).to(xt.dtype)
+        self.mask = torch.zeros(xt.shape[0], self.experts, dtype=xt.dtype,
+                                device=xt.device).scatter(1, top, gate)
+
+    def compute(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> None:
+        """Route the [T, D] tokens ``xt`` (from ``samples`` samples) to their top-k experts."""
+        n = xt.shape[0]
+        logits, tt = self._logits(xt, samples)
         probs = logits.softmax(-1)
         top = logits.topk(self.top_k, dim=-1).indices
         chosen = probs.gather(1, top)
@@ -276,6 +291,8 @@ class MoEIn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt, samples = _tokens(x, self.conv)
         route = self.route
+        if torch.compiler.is_compiling():
+            return self._dense(x, xt, samples)
         if not route.ready_for(x):
             route.compute(x, xt, samples)
         if self.act is not None:
@@ -291,6 +308,26 @@ class MoEIn(nn.Module):
                 continue
             y = lin(xt.index_select(0, tok)).to(dt)
             out.index_put_((tok[:, None], cols[e + 1][None, :]), y)
+        return _untokens(out, x, self.conv)
+
+    def _dense(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> torch.Tensor:
+        # Under torch.compile: every expert runs on every token and the ones a token did not
+        # choose are zeroed (static shapes; the same values as the sparse form, not its saving).
+        # The packed form's activation is applied here, its columns laid out densely.
+        route = self.route
+        route.compute_dense(xt, samples)
+        act = ACTIVATIONS[self.act] if self.act is not None else (lambda t: t)
+        keep = (route.mask != 0).to(xt.dtype)
+        halves = [[] for _ in range(self.parts)]
+        for i, lin in enumerate(([self.shared] if self.shared is not None else [])
+                                + list(self.experts)):
+            y = act(lin(xt))
+            if lin is not self.shared:
+                e = i - (self.shared is not None)
+                y = y * keep[:, e:e + 1]
+            for p, piece in enumerate(y.chunk(self.parts, dim=-1)):
+                halves[p].append(piece)
+        out = torch.cat([torch.cat(h, dim=-1) for h in halves], dim=-1)
         return _untokens(out, x, self.conv)
 
     def _packed(self, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -333,6 +370,8 @@ class MoEOut(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         route = self.route
+        if route.mask is not None:
+            return self._dense(h)
         if not route.tok:
             raise RuntimeError("MoEOut ran before its MoEIn routed the tokens")
         if self.packed:
@@ -354,6 +393,25 @@ class MoEOut(nn.Module):
                 z = lin(ht[:, a:a + w].index_select(0, tok)) * route.gate[e][:, None]
                 y.index_add_(0, tok, z.to(y.dtype))
             a += w
+        route.clear()
+        return _untokens(y, h, self.conv)
+
+    def _dense(self, h: torch.Tensor) -> torch.Tensor:
+        route = self.route
+        ht, _ = _tokens(h, self.conv)
+        a = 0 if self.packed else self.offset
+        y = self.rest(ht[:, :a]) if self.rest is not None else None
+        if self.shared is not None:
+            z = self.shared(ht[:, a:a + self.shared_width])
+            y = z if y is None else y + z
+        a += self.shared_width
+        for e, lin in enumerate(self.experts):
+            w = self.widths[e]
+            z = lin(ht[:, a:a + w]) * route.mask[:, e:e + 1]
+            y = z if y is None else y + z
+            a += w
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         route.clear()
         return _untokens(y, h, self.conv)
 

@@ -44,6 +44,8 @@ class TimestepContext:
 
     boundaries: list[float]
     group: int | None = field(default=None, compare=False)
+    # under torch.compile: the group as a 0-d tensor (a Python int would specialise the graph)
+    group_t: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.boundaries = [float(b) for b in self.boundaries]
@@ -67,7 +69,12 @@ class TimestepContext:
             timestep = float(timestep.detach().reshape(-1)[0])
         return bisect.bisect_right(self.boundaries, float(timestep))
 
-    def set_timestep(self, timestep: torch.Tensor | float) -> int:
+    def set_timestep(self, timestep: torch.Tensor | float) -> int | None:
+        if torch.compiler.is_compiling():
+            t = torch.as_tensor(timestep).reshape(-1)[:1].float()
+            bounds = torch.tensor(self.boundaries, dtype=torch.float32, device=t.device)
+            self.group_t = torch.bucketize(t, bounds, right=True)[0]
+            return None
         self.group = self.group_of(timestep)
         return self.group
 
@@ -315,11 +322,15 @@ class W8A8Linear(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # model.to(torch.bfloat16) must move our fp32 scales, never round them: take the new
         # device from fn and move the original tensor instead.
+        changed = False
         for name, t in list(self._buffers.items()):
             if t is not None:
                 moved = fn(t)
-                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        self.release()
+                new = moved if moved.dtype == t.dtype else t.to(moved.device)
+                changed |= new is not t
+                self._buffers[name] = new
+        if changed:  # a no-op .to() keeps the packed weight (prepared at load, for compiling)
+            self.release()
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -348,6 +359,13 @@ class W8A8Linear(nn.Module):
         d = self.prepare()
         x2 = x.reshape(-1, self.in_features)
         use_cache = not torch.compiler.is_compiling()
+        if self.act == "static" and self.n_groups > 1 and torch.compiler.is_compiling():
+            # the timestep's group is a tensor here: scales gathered, rescaled after the GEMM
+            scale = self.act_scale.index_select(0, self.context.group_t.reshape(1))
+            inv = torch.reciprocal(scale)
+            if d["inv_smooth"] is not None:
+                inv = d["inv_smooth"] * inv
+            return kernels.quantize_static(x2, inv), scale
         if self.act == "static":
             g = self._group()
             key: tuple = ("static", d["x_scale"][g], self.smooth)
@@ -472,7 +490,9 @@ class W8A8FeedForward(nn.Module):
             # a LoRA side branch wraps a projection: each layer runs on its own (the wrapper
             # adds the branch before the GELU the first GEMM applies)
             return out(proj(hidden_states))
-        if proj.act == "static" and out.act == "static":
+        grouped = proj.n_groups > 1 or out.n_groups > 1
+        if proj.act == "static" and out.act == "static" and not (
+                grouped and torch.compiler.is_compiling()):
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
             y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
