@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def example() -> str:
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- toolbox-example -->", 1)[1]
-    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", block, re.DOTALL).group(1)
 
 
 def main() -> int:
@@ -38,7 +38,7 @@ def main() -> int:
     code = example()
     failed = 0
     for out in sys.argv[1:]:
-        src = re.sub(r'^OUT = .*$', f"OUT = {str(out)!r}", code, count=1, flags=re.M)
+        src = re.sub(r'^OUT = .*$', f"OUT = {str(out)!r}", code, count=1, flags=re.MULTILINE)
         ns: dict = {}
         exec(compile(src, f"README example on {out}", "exec"), ns)  # noqa: S102 - our README
         plain = compress.load_pipeline(out)(
