@@ -231,6 +231,34 @@ def v_ours_w8a8_static_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _compiled(model, freeze=True)
 
 
+def _with_lora(model: nn.Module, names: list[str], rank: int = 16) -> nn.Module:
+    """A rank-``rank`` LoRA on every attention and feed-forward Linear of the blocks, as a bf16
+    side branch (compress.lora's layer beside our compressed layers, PEFT's beside nn.Linear)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from compress.lora.layer import install
+
+    install()
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names,
+                                       init_lora_weights=False), model)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def v_bf16_lora16(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _with_lora(_bf16(master), block_linears(master))
+
+
+def v_ours_w8a8_dynamic_lora16(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    model = _ours_w8a8(master, "dynamic")
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            m.prepare()
+    return _with_lora(model, block_linears(master))
+
+
 def v_ours_int4(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return swap(_bf16(master), lambda n, lin: Int4Linear.from_linear(lin, ARGS.int4_group))
 
@@ -348,6 +376,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
         v_ours_w8a8_static_unfused, "as ours-w8a8-static without the feed-forward fusion"),
     "ours-w8a8-static-compile": (
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
+    "bf16-lora16": (v_bf16_lora16, "bf16 eager + a rank-16 LoRA on every block Linear (PEFT)"),
+    "ours-w8a8-dynamic-lora16": (v_ours_w8a8_dynamic_lora16, (
+        "ours-w8a8-dynamic + a rank-16 bf16 LoRA side branch on every block Linear")),
     "ours-int4": (v_ours_int4, "Int4Linear weight-only (group 128)"),
     "ours-width30": (v_ours_width30, ("bf16, 30% of the blocks' parameters removed as heads "
                                       "and feed-forward channels (uniform selection)")),

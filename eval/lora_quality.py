@@ -32,13 +32,21 @@ def main() -> int:
                     help="the first N of each report's evaluation prompts (default: all)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     a = ap.parse_args()
+    table = lora_table(a.outputs, a.lora, a.scale, a.num_prompts)
+    if a.out:
+        Path(a.out).write_text(table)
+    return 0
 
+
+def lora_table(outputs: list[Path], lora=None, scale: float = 1.0,
+               num_prompts: int | None = None) -> str:
+    """The table (markdown) for ``outputs``; also printed."""
     import compress
     from compress.demo.lora import RED_LORA, lora_effect
     from compress.metrics.image import psnr
     from compress.models import load_model
 
-    lora = a.lora or RED_LORA
+    lora = lora or RED_LORA
     handle = load_model("demo")
     gen = handle.adapter.generate
     cache: dict[tuple, tuple] = {}
@@ -48,19 +56,19 @@ def main() -> int:
                    ev["resolution"])
 
     rows = []
-    for out in a.outputs:
+    for out in outputs:
         ev = json.loads((out / "report.json").read_text())["eval"]
-        n = a.num_prompts or len(ev["prompts"])
+        n = num_prompts or len(ev["prompts"])
         key = (tuple(ev["prompts"][:n]), tuple(ev["seeds"][:n]), ev["steps"])
         if key not in cache:  # the original, with and without the LoRA, once per prompt set
             orig = load_model("demo").pipeline
             base = sample(orig, ev, n)
-            compress.load_lora(orig, lora, a.scale)
-            cache[key] = (base, sample(orig, ev, n), orig)
-        base, base_l, _ = cache[key]
+            compress.load_lora(orig, lora, scale)
+            cache[key] = (base, sample(orig, ev, n))
+        base, base_l = cache[key]
         pipe = compress.load_pipeline(out)
         img = sample(pipe, ev, n)
-        compress.load_lora(pipe, lora, a.scale)
+        compress.load_lora(pipe, lora, scale)
         img_l = sample(pipe, ev, n)
         caps = ev["prompts"][:n]
         p0, p1 = psnr(img, base), psnr(img_l, base_l)
@@ -73,10 +81,8 @@ def main() -> int:
     table = head + "".join(
         f"| {r[0]} | {r[1]:.2f} dB | {r[2]:.2f} dB | {r[3]:+.2f} dB | {100 * r[4]:.1f}% | "
         f"{100 * r[5]:.1f}% | {100 * r[6]:.1f}% |\n" for r in rows)
-    print(f"\nLoRA {lora} at strength {a.scale}\n\n{table}")
-    if a.out:
-        Path(a.out).write_text(table)
-    return 0
+    print(f"\nLoRA {lora} at strength {scale}\n\n{table}")
+    return table
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def main() -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every recipe, as `dit-compress run --set` "
                          "(e.g. passes.1.distill.batch=4); repeatable")
+    ap.add_argument("--lora", nargs="?", const="demo", default=None, metavar="FILE",
+                    help="also sample each of our outputs (demo) with a LoRA made for the "
+                         "original and compare with the original + LoRA (default: the demo's "
+                         "red LoRA; eval/lora_quality.py)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep rows whose output folder already holds a report.json, and continue "
                          "an interrupted training pass from its checkpoint (resume an "
@@ -86,6 +90,13 @@ def main() -> int:
     print(compare(outs, out_md=a.out, plot=a.plot))
     for f in failed:
         print("not in the table:", f)
+    if a.lora is not None:  # LoRA on the original against LoRA on each output (issue 17)
+        from lora_quality import lora_table
+
+        mine = [o for o in outs if not o.name.startswith("peer-")]
+        table = lora_table(mine, None if a.lora == "demo" else a.lora)
+        if a.out:
+            Path(a.out).with_suffix(".lora.md").write_text(table)
     return 0
 
 

@@ -351,3 +351,34 @@ def test_run_with_lora_compresses_the_model_with_it(tiny_pipeline_dir, tmp_path,
         compress.run_recipe({"name": "t", **TINY, "passes": [{"ptq": {"weights": {"bits": 8}}}]},
                             str(src), tmp_path / "o2", lora=tmp_path / "missing.safetensors")
     assert not (tmp_path / "o2").exists()
+
+
+def test_demo_red_lora_on_a_compressed_demo_output(tmp_path, monkeypatch):
+    """The shipped demo LoRA, trained on the original, turns the W8A8 output's objects red as it
+    does the original's, and its images stay as close to the original + LoRA as the output's
+    own are to the original."""
+    from compress.demo import load_demo_pipeline
+    from compress.demo.lora import RED_LORA, lora_effect
+    from compress.metrics.image import psnr
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    compress.run_recipe({"name": "w8a8", "calibration": {"num_prompts": 2, "steps": 8},
+                         "passes": [{"ptq": {"weights": {"bits": 8},
+                                             "activations": {"bits": 8}}}],
+                         "eval": {"enabled": False, "latency": False}}, "demo", tmp_path / "o")
+    caps = ["a large blue circle in the center", "a small green square at the top left",
+            "a large yellow triangle at the bottom right"]
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(caps, num_inference_steps=8, output_type="np",
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(caps))]).images
+
+    orig, q = load_demo_pipeline(), compress.load_pipeline(tmp_path / "o")
+    base, qb = images(orig), images(q)
+    compress.load_lora(orig, RED_LORA)
+    compress.load_lora(q, RED_LORA)
+    ref, ql = images(orig), images(q)
+    assert lora_effect(base, caps) == 0 and lora_effect(qb, caps) == 0
+    assert lora_effect(ref, caps) == 1 and lora_effect(ql, caps) == 1
+    assert psnr(ql, ref) > psnr(qb, base) - 2

@@ -245,6 +245,19 @@ def _free_name(module: nn.Module) -> str:
     return f"lora{i}"
 
 
+def set_strength(target, name: str, scale: float) -> int:
+    """Set adapter ``name``'s strength on every layer of ``target`` (a pipeline or module) that
+    holds it, for pipelines without ``set_adapters`` (PixArt, DiT, your own module). Returns
+    the number of layers."""
+    module = getattr(target, "transformer", target)
+    layers = lora_layers(module, name)
+    if not layers:
+        raise UserError(f"no LoRA adapter named {name!r} on this model")
+    for layer in layers:
+        layer.set_scale(name, scale)
+    return len(layers)
+
+
 def unload_lora(target) -> None:
     """Remove every adapter (unmerged ones leave the layers exactly as they were)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
