@@ -105,6 +105,18 @@ def stored_bytes(tr: nn.Module) -> int:
     return total
 
 
+def _dense_w8a8(tr: nn.Module) -> dict:
+    """W8A8 layers that ran their weights dequantised (too small for int8 to pay; see
+    compress/modules/w8a8_dense.py), as decided during evaluation on this machine."""
+    from compress.modules.w8a8 import W8A8Linear
+
+    layers = [(n, m._dense) for n, m in tr.named_modules() if isinstance(m, W8A8Linear)]
+    if not layers:
+        return {}
+    dense = sorted(n for n, d in layers if d)
+    return {"w8a8_dense": {"layers": len(dense), "of": len(layers), "names": dense[:20]}}
+
+
 def step_latency_ms(handle, calib, repeats: int) -> float | None:
     from compress.metrics.timing import latency_ms_per_step
 
@@ -623,6 +635,7 @@ def run_recipe(
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
+                  **_dense_w8a8(tr),
                   "peak_rss_mb": peak_rss_mb(), "device": str(device), "cpu": cpu_model()},
         "quality": quality,
         **({"moe_load": moe_load} if moe_load else {}),

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modules import weight_cache
 from compress.quant import kernels, qtensor
 
 
@@ -111,7 +112,7 @@ class Int4Linear(nn.Module):
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else None
         if dtype is None:
             raise TypeError(f"Int4Linear needs a floating-point input, got {x.dtype}")
-        w = self.dequantized_weight(dtype)
+        w = weight_cache.weight(self, dtype, self.dequantized_weight)
         b = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x, w, b)
 

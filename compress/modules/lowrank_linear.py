@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modules import weight_cache
 from compress.quant import qtensor
 from compress.quant.smooth import fake_quant_act
 
@@ -60,7 +61,8 @@ class LowRankQLinear(nn.Module):
         if self.smooth is not None:
             xs = xs / self.smooth
         branch = (xs @ self.l2.float().T) @ self.l1.float().T
-        main = F.linear(fake_quant_act(xs, self.a_bits, "token"), self.residual_weight())
+        resid = weight_cache.weight(self, torch.float32, lambda _: self.residual_weight())
+        main = F.linear(fake_quant_act(xs, self.a_bits, "token"), resid)
         y = branch + main
         if self.bias is not None:
             y = y + self.bias

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modules import weight_cache
 from compress.quant import qtensor
 
 
@@ -65,7 +66,7 @@ class QLinear(nn.Module):
         return qtensor.dequantize(codes, self.scale, self.zero, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
+        w = weight_cache.weight(self, x.dtype, self.dequantized_weight)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, b)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modules import weight_cache
 from compress.quant import qtensor
 from compress.quant.vq import group_of_rows, index_bits
 
@@ -89,7 +90,7 @@ class VQLinear(nn.Module):
         b = self.bias.to(x.dtype) if self.bias is not None else None
         step = max(1, TILE // self.in_features)
         if step >= self.out_features:
-            return F.linear(x, self._tile(0, self.out_features, x.dtype), b)
+            return F.linear(x, weight_cache.weight(self, x.dtype, self.dequantized_weight), b)
         parts = []
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from compress.modules import w8a8_dense
 from compress.quant import kernels
 
 ACT_MODES = ("dynamic", "static")
@@ -216,6 +217,8 @@ class W8A8Linear(nn.Module):
         )
         self.context: TimestepContext | None = None
         self._derived: dict[str, Any] | None = None
+        self._dense: bool | None = None  # run dequantised (w8a8_dense; decided at first call)
+        self._dense_w: torch.Tensor | None = None
         self._derived_key: tuple | None = None
 
     # -- construction ---------------------------------------------------------------------
@@ -318,6 +321,7 @@ class W8A8Linear(nn.Module):
     def release(self) -> None:
         """Drop the packed weight (e.g. before saving memory); rebuilt at the next forward."""
         self._derived = self._derived_key = None
+        self._dense_w = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # model.to(torch.bfloat16) must move our fp32 scales, never round them: take the new
@@ -405,6 +409,12 @@ class W8A8Linear(nn.Module):
             )
         if out_scale is not None:
             raise ValueError("int8 hand-over needs a static input scale")
+        if d["packed"] is None and xq.device.type == "cpu":
+            # torch._int_mm's int32 accumulators: row scale, weight scales, bias and the
+            # activation in one fused pass to the output dtype
+            acc = torch._int_mm(xq, self.weight.t())
+            return kernels.rescale_int32(acc, x_scale, self.weight_scale, self.bias, out_dtype,
+                                         act)
         # Per-token scales differ per row, which oneDNN's epilogue cannot apply; its output
         # keeps the weight scales and one fused pass adds row scale, bias and activation.
         acc_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
@@ -414,6 +424,8 @@ class W8A8Linear(nn.Module):
         return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        if w8a8_dense.use_dense(self, x):
+            return w8a8_dense.forward(self, x, self.activation if activation is None else activation)
         xq, x_scale = self.quantize_input(x)
         y = self.matmul_codes(xq, x_scale, x.dtype, activation=activation)
         return y.view(*x.shape[:-1], self.out_features)
@@ -491,7 +503,10 @@ class W8A8FeedForward(nn.Module):
             # adds the branch before the GELU the first GEMM applies)
             return out(proj(hidden_states))
         grouped = proj.n_groups > 1 or out.n_groups > 1
-        if proj.act == "static" and out.act == "static" and not (
+        tokens = hidden_states.numel() // proj.in_features
+        dense = (w8a8_dense.use_dense(proj, hidden_states)
+                 or w8a8_dense.use_dense_for(out, tokens, hidden_states))
+        if proj.act == "static" and out.act == "static" and not dense and not (
                 grouped and torch.compiler.is_compiling()):
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())

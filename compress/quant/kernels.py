@@ -190,6 +190,23 @@ def rescale_rows(
     return apply_activation(y, activation).to(dtype)
 
 
+@fused
+def rescale_int32(
+    acc: torch.Tensor,
+    row_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    activation: str,
+) -> torch.Tensor:
+    """act(acc [M, N] int32 * row_scale [M, 1] * w_scale [N] + bias) -> ``dtype`` in one pass
+    (torch._int_mm's accumulators straight to the output: no float intermediate)."""
+    y = acc.float() * row_scale * w_scale
+    if bias is not None:
+        y = y + bias
+    return apply_activation(y, activation).to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # int8 GEMM
 

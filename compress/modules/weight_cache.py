@@ -1,0 +1,39 @@
+"""Small weight-only layers keep their dequantised weight instead of rebuilding it per call.
+
+QLinear, Int4Linear, VQLinear and LowRankQLinear rebuild their float weight at every call, which
+on a large layer costs little beside the matmul and saves the memory of a float copy. On a
+small layer (the demo's 256-wide blocks) the rebuild costs more than the matmul itself, so a
+layer of at most ``MAX_ELEMENTS`` weights keeps the rebuilt weight and reuses it: the same
+tensor the call would have built, so outputs are bit-equal and only memory changes (at most
+``MAX_ELEMENTS`` x 4 bytes per layer; the report's peak memory includes it).
+``DIT_COMPRESS_WEIGHT_CACHE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+MAX_ELEMENTS = 1 << 19  # 512K weights (2 MB in fp32): the demo's layers, not a 1152-wide one
+
+
+def _enabled() -> bool:
+    return os.environ.get("DIT_COMPRESS_WEIGHT_CACHE", "1").strip().lower() not in (
+        "0", "false", "off", "no")
+
+
+def weight(layer: torch.nn.Module, dtype: torch.dtype,
+           build: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """``build(dtype)``, kept on ``layer`` while its buffers are unchanged (small layers only)."""
+    if (torch.compiler.is_compiling() or layer.in_features * layer.out_features > MAX_ELEMENTS
+            or not _enabled()):
+        return build(dtype)
+    key = tuple((t.data_ptr(), t._version) for t in layer.buffers()) + (dtype,)
+    hit = layer.__dict__.get("_weight_cache")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w = build(dtype)
+    layer.__dict__["_weight_cache"] = (key, w)
+    return w

@@ -1,0 +1,92 @@
+"""Small W8A8 layers run their weights dequantised when that is faster (issue 16): the choice is
+made by timing at the first call, forced by DIT_COMPRESS_W8A8_DENSE, kept per process by shape,
+and counted in the report; the dense form is the float matmul with the stored int8 weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import compress
+from compress.modules import w8a8_dense
+from compress.modules.w8a8 import W8A8Linear
+
+
+def _layer(smooth: bool = True) -> W8A8Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    return W8A8Linear.from_linear(lin, smooth=torch.rand(64) + 0.5 if smooth else None)
+
+
+def test_dense_form_is_the_float_matmul_of_the_stored_weights(monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "always")
+    m = _layer()
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        y = m(x)
+        want = x @ m.dequantized_weight().T + m.bias
+    assert m._dense is True
+    assert torch.allclose(y, want, atol=1e-5)
+    # closer to the unquantised layer than the int8 form (no activation rounding)
+    monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "never")
+    q = _layer()
+    with torch.no_grad():
+        yq = q(x)
+    assert q._dense is False and not torch.allclose(yq, y, atol=1e-6)
+
+
+def test_auto_choice_is_timed_once_per_shape_and_reused(monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "auto")
+    monkeypatch.setattr(w8a8_dense, "_DECISIONS", {})
+    calls = []
+    real = w8a8_dense._best
+    monkeypatch.setattr(w8a8_dense, "_best", lambda f, reps=3: calls.append(1) or real(f, reps))
+    a, b = _layer(), _layer()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        a(x)
+        b(x)
+    assert len(calls) == 2  # two forms timed for the first layer, the second reuses the choice
+    assert a._dense == b._dense is not None
+    big = W8A8Linear.from_linear(nn.Linear(4096, 4096))
+    with torch.no_grad():
+        big(torch.randn(8, 4096))
+    assert big._dense is False and len(calls) == 2  # over MAX_MACS: int8, not timed
+
+
+def test_report_counts_dense_layers(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "always")
+    rep = compress.run_recipe({"name": "t", "calibration": {"num_prompts": 2, "steps": 3},
+                               "eval": {"num_prompts": 2, "steps": 3, "latency": True,
+                                        "latency_repeats": 1},
+                               "passes": [{"ptq": {"weights": {"bits": 8},
+                                                   "activations": {"bits": 8}}}]},
+                              str(tiny_pipeline_dir("pixart")), tmp_path / "o")
+    d = rep["speed"]["w8a8_dense"]
+    assert d["layers"] == d["of"] > 0
+    assert rep["quality"]["psnr_vs_teacher"] > 40
+
+
+def test_small_weight_only_layers_reuse_their_weight_bit_equal(monkeypatch):
+    from compress.modules import weight_cache
+    from compress.modules.qlinear import QLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = QLinear.from_linear(lin, 4, 16)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y1 = q(x)
+        hit = q.__dict__["_weight_cache"][1]
+        y2 = q(x)
+        assert q.__dict__["_weight_cache"][1] is hit and torch.equal(y1, y2)
+        assert torch.equal(y1, torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
+        q.scale.mul_(2)  # the buffers change in place: the weight is rebuilt
+        y3 = q(x)
+    assert q.__dict__["_weight_cache"][1] is not hit and not torch.equal(y3, y1)
+    monkeypatch.setattr(weight_cache, "MAX_ELEMENTS", 10)  # a large layer keeps no copy
+    big = QLinear.from_linear(lin, 8)
+    with torch.no_grad():
+        big(x)
+    assert "_weight_cache" not in big.__dict__
