@@ -382,3 +382,26 @@ def test_demo_red_lora_on_a_compressed_demo_output(tmp_path, monkeypatch):
     assert lora_effect(base, caps) == 0 and lora_effect(qb, caps) == 0
     assert lora_effect(ref, caps) == 1 and lora_effect(ql, caps) == 1
     assert psnr(ql, ref) > psnr(qb, base) - 2
+
+
+def test_peft_model_from_pretrained_on_a_compressed_transformer(tiny_pipeline_dir, tmp_path,
+                                                                monkeypatch):
+    from diffusers import DiffusionPipeline
+    from peft import PeftModel, get_peft_model
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = tiny_pipeline_dir("pixart")
+    compress.run_recipe({"name": "t", **TINY, "passes": [{"ptq": {"weights": {"bits": 8}}}]},
+                        str(src), tmp_path / "o")
+    torch.manual_seed(2)
+    pm = get_peft_model(DiffusionPipeline.from_pretrained(str(src)).transformer, LoraConfig(
+        r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "adapter"))  # a PEFT adapter folder
+    ref = _run(pm, "pixart")
+    qm = PeftModel.from_pretrained(compress.load_pipeline(tmp_path / "o").transformer,
+                                   str(tmp_path / "adapter"))
+    got = _run(qm, "pixart")
+    q = compress.load_pipeline(tmp_path / "o").transformer
+    compress.load_lora(q, tmp_path / "adapter")  # the same folder through compress.load_lora
+    assert torch.allclose(_run(q, "pixart"), got, atol=1e-5)
+    assert _psnr(got, ref) > 40
