@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # W8A8 layers pick int8 or dequantised weights by timing at their first call; tests pin the
 # int8 path so numerics do not depend on the machine's load (test_w8a8_dense covers the choice)
 os.environ.setdefault("DIT_COMPRESS_W8A8_DENSE", "never")
+os.environ.setdefault("DIT_COMPRESS_MOE_DENSE", "never")  # likewise the MoE form (moe_dense)
 
 import pytest
 import torch

@@ -90,3 +90,31 @@ def test_small_weight_only_layers_reuse_their_weight_bit_equal(monkeypatch):
     with torch.no_grad():
         big(x)
     assert "_weight_cache" not in big.__dict__
+
+
+def test_small_moe_runs_dense_with_the_same_values_and_counts(tiny_pipeline_dir, tmp_path,
+                                                               monkeypatch):
+    import sys
+
+    from compress.modules import moe
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_pipelines import first_call_inputs
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    compress.run_recipe({"name": "t", "calibration": {"num_prompts": 2, "steps": 3},
+                         "eval": {"enabled": False, "latency": False},
+                         "passes": [{"to_moe": {"experts": 4, "top_k": 1, "shared": 0.25}}]},
+                        str(tiny_pipeline_dir("pixart")), tmp_path / "o")
+    args, kw = first_call_inputs("pixart")
+    outs, loads = {}, {}
+    for mode in ("never", "always"):
+        monkeypatch.setenv("DIT_COMPRESS_MOE_DENSE", mode)
+        tr = compress.load_pipeline(tmp_path / "o").transformer
+        moe.collect(tr)
+        with torch.no_grad():
+            outs[mode] = tr(*args, **kw)[0]
+        loads[mode] = [r.load.clone() for _, r in moe.routes(tr)]
+        assert {r.mode for _, r in moe.routes(tr)} == {"sparse" if mode == "never" else "dense"}
+    assert torch.allclose(outs["never"], outs["always"], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(loads["never"], loads["always"], strict=True))

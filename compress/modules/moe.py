@@ -19,7 +19,10 @@ activation itself and returns the experts' hidden values packed into one flat te
 full width is built, filled or activated.
 
 So every expert matmul runs on its own tokens only (no dense compute with masks); only the
-element-wise activation sees the whole hidden width. With all experts chosen (top_k = experts)
+element-wise activation sees the whole hidden width. Two exceptions run a dense masked form
+(every expert on every token, zeroed where not chosen; same values): under torch.compile, whose
+graphs need shapes that do not depend on the routing, and feed-forwards too small for the
+sparse form's gathers to pay, chosen by timing (:mod:`compress.modules.moe_dense`). With all experts chosen (top_k = experts)
 the pair computes exactly the dense FFN: the gate's value is one, and the router learns through
 its gradient (straight-through: value 1, derivative that of the softmax probability).
 
@@ -38,6 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress.modules import moe_dense
 
 
 def _glu(z: torch.Tensor, act) -> torch.Tensor:
@@ -149,6 +154,7 @@ class Route:
         self.load = torch.zeros(GROUPS, experts, dtype=torch.float64)
         self.tokens = torch.zeros(GROUPS, dtype=torch.float64)
         self.balance: torch.Tensor | None = None
+        self.mode: str | None = None  # "sparse" or "dense", chosen at the first inference call
         self.clear()
 
     def clear(self) -> None:
@@ -193,12 +199,14 @@ class Route:
     def compute_dense(self, xt: torch.Tensor, samples: int) -> None:
         """The same routing as a [T, experts] gate matrix (zero where an expert was not
         chosen): the form torch.compile traces, since its shapes do not depend on the data."""
-        logits, _ = self._logits(xt, samples)
+        logits, tt = self._logits(xt, samples)
         top = logits.topk(self.top_k, dim=-1).indices
         chosen = logits.softmax(-1).gather(1, top)
         gate = (1.0 + chosen - chosen.detach()).to(xt.dtype)
         self.mask = torch.zeros(xt.shape[0], self.experts, dtype=xt.dtype,
                                 device=xt.device).scatter(1, top, gate)
+        if self.collect and not torch.compiler.is_compiling():
+            self._count(top.reshape(-1), tt, xt.shape[0])
 
     def compute(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> None:
         """Route the [T, D] tokens ``xt`` (from ``samples`` samples) to their top-k experts."""
@@ -220,12 +228,15 @@ class Route:
             frac = counts.to(probs.dtype) / flat.numel()  # Switch Transformer's balance loss
             self.balance = self.experts * (frac * probs.mean(0)).sum()
         if self.collect:
-            grp = torch.zeros(n, dtype=torch.long) if tt is None else \
-                (tt.cpu() * GROUPS).long().clamp(0, GROUPS - 1)
-            self.tokens += torch.bincount(grp, minlength=GROUPS).double()
-            key = grp.repeat_interleave(self.top_k) * self.experts + flat.cpu()
-            self.load += torch.bincount(key, minlength=GROUPS * self.experts).double() \
-                .view(GROUPS, self.experts)
+            self._count(flat, tt, n)
+
+    def _count(self, flat: torch.Tensor, tt: torch.Tensor | None, n: int) -> None:
+        grp = torch.zeros(n, dtype=torch.long) if tt is None else \
+            (tt.cpu() * GROUPS).long().clamp(0, GROUPS - 1)
+        self.tokens += torch.bincount(grp, minlength=GROUPS).double()
+        key = grp.repeat_interleave(self.top_k) * self.experts + flat.cpu()
+        self.load += torch.bincount(key, minlength=GROUPS * self.experts).double() \
+            .view(GROUPS, self.experts)
 
 
 def _tokens(x: torch.Tensor, conv: bool) -> tuple[torch.Tensor, int]:
@@ -293,10 +304,19 @@ class MoEIn(nn.Module):
         route = self.route
         if torch.compiler.is_compiling():
             return self._dense(x, xt, samples)
+        if not torch.is_grad_enabled():  # training always runs sparse (balance loss, gradients)
+            if route.mode is None:
+                route.mode = moe_dense.choose(self, x, xt, samples)
+            if route.mode == "dense":
+                return self._dense(x, xt, samples)
         if not route.ready_for(x):
             route.compute(x, xt, samples)
         if self.act is not None:
             return self._packed(x, xt)
+        return self._scatter(x, xt)
+
+    def _scatter(self, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+        route = self.route
         cols = self._columns(xt.device)
         dt = xt.dtype
         out = xt.new_zeros(xt.shape[0], self.parts * self.hidden)
@@ -311,8 +331,9 @@ class MoEIn(nn.Module):
         return _untokens(out, x, self.conv)
 
     def _dense(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> torch.Tensor:
-        # Under torch.compile: every expert runs on every token and the ones a token did not
-        # choose are zeroed (static shapes; the same values as the sparse form, not its saving).
+        # Every expert runs on every token and the ones a token did not choose are zeroed: under
+        # torch.compile (static shapes) and on layers too small for the sparse form to pay
+        # (moe_dense). The same values as the sparse form, not its saving.
         # The packed form's activation is applied here, its columns laid out densely.
         route = self.route
         route.compute_dense(xt, samples)
