@@ -259,6 +259,14 @@ def v_ours_w8a8_dynamic_lora16(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _with_lora(model, block_linears(master))
 
 
+def v_ours_w8a8_dynamic_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    model = _ours_w8a8(master, "dynamic")
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            m.prepare()
+    return _compiled(model, freeze=True)
+
+
 def v_ours_int4(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return swap(_bf16(master), lambda n, lin: Int4Linear.from_linear(lin, ARGS.int4_group))
 
@@ -374,6 +382,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
         v_ours_w8a8_dynamic_unfused, "as ours-w8a8-dynamic without the feed-forward fusion"),
     "ours-w8a8-static-unfused": (
         v_ours_w8a8_static_unfused, "as ours-w8a8-static without the feed-forward fusion"),
+    "ours-w8a8-dynamic-compile": (
+        v_ours_w8a8_dynamic_compile, "W8A8Linear dynamic (the recipes' mode), torch.compile + freezing"),
     "ours-w8a8-static-compile": (
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
     "bf16-lora16": (v_bf16_lora16, "bf16 eager + a rank-16 LoRA on every block Linear (PEFT)"),
