@@ -71,9 +71,39 @@ def gguf_type(bits: int, symmetric: bool) -> str:
     return "Q4_0"
 
 
+def _carried_q4_1(m: nn.Module, w: torch.Tensor) -> np.ndarray | None:
+    """Q4_1 blocks (d, m, 4-bit codes: w = d q + m) with the asymmetric 4-bit layer's codes
+    and fp16 scales; GGUF's minimum m = -zero x scale is rounded to fp16, the only change."""
+    scale, zero = getattr(m, "scale", None), getattr(m, "zero", None)
+    if not (isinstance(scale, torch.Tensor) and isinstance(zero, torch.Tensor)) or \
+            scale.dtype != torch.float16 or scale.dim() != 2 or \
+            type(m).__name__ not in ("QLinear", "Int4Linear"):
+        return None
+    out_f, in_f = w.shape
+    g = scale.shape[1]
+    gs = -(-in_f // g)
+    if in_f % BLOCK or gs % BLOCK and g > 1:
+        return None
+    d = scale.float().repeat_interleave(gs, dim=1)[:, :in_f]
+    z = zero.float().repeat_interleave(gs, dim=1)[:, :in_f]
+    q = torch.round(w / d + z)
+    if not torch.equal((q - z) * d, w) or q.min() < 0 or q.max() > 15:
+        return None
+    nb = in_f // BLOCK
+    dblk = d[:, ::BLOCK].half().contiguous().numpy()
+    mblk = (-(z * d))[:, ::BLOCK].half().contiguous().numpy()
+    head = np.concatenate([dblk.view(np.uint8).reshape(out_f, nb, 2),
+                           mblk.view(np.uint8).reshape(out_f, nb, 2)], axis=2)
+    u = q.to(torch.uint8).numpy().reshape(out_f, nb, BLOCK)
+    body = (u[..., :16] & 0x0F) | (u[..., 16:] << 4)
+    return np.concatenate([head, body], axis=2).reshape(out_f, -1)
+
+
 def _carried(m: nn.Module, w: torch.Tensor, qtype: str) -> np.ndarray | None:
-    """Q8_0 / Q4_0 blocks holding exactly the layer's codes and fp16 scales, or None when its
-    grid is not GGUF's (asymmetric, groups not a multiple of 32, scales not fp16, ...)."""
+    """Q8_0 / Q4_0 / Q4_1 blocks holding the layer's codes and fp16 scales, or None when its
+    grid is not GGUF's (groups not a multiple of 32, scales not fp16, ...)."""
+    if qtype == "Q4_1":
+        return _carried_q4_1(m, w)
     scale = getattr(m, "scale", None)
     if qtype not in ("Q8_0", "Q4_0") or not isinstance(scale, torch.Tensor) or \
             scale.dtype != torch.float16 or getattr(m, "zero", None) is not None or \
