@@ -102,6 +102,24 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def flow_matching_loss(model, x0, idx, cap_emb, cap_mask, null_emb, null_mask, g) -> torch.Tensor:
+    """The training loss: x_t = (1 - s) x0 + s noise, target noise - x0; times logit-normal with a
+    20% uniform share (so the ends are trained too); 10% of captions dropped for guidance."""
+    noise = torch.randn(x0.shape, generator=g)
+    s = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
+    u = torch.rand(x0.shape[0], generator=g)
+    s = torch.where(torch.rand(x0.shape[0], generator=g) < 0.2, u, s)
+    drop = torch.rand(x0.shape[0], generator=g) < 0.1
+    emb = torch.where(drop[:, None, None], null_emb, cap_emb[idx])
+    mask = torch.where(drop[:, None], null_mask, cap_mask[idx])
+    xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * noise
+    target = noise - x0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=s * 1000,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -180,22 +198,9 @@ def main() -> None:
             break
         x0, idx = make_batch(args.seed, step, args.batch, cap_index)
         g = torch.Generator().manual_seed(args.seed * 7919 + step)
-        noise = torch.randn(x0.shape, generator=g)
-        # logit-normal times, with a uniform share so the ends are trained too
-        s = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
-        u = torch.rand(x0.shape[0], generator=g)
-        s = torch.where(torch.rand(x0.shape[0], generator=g) < 0.2, u, s)
-        drop = torch.rand(x0.shape[0], generator=g) < 0.1
-        emb = torch.where(drop[:, None, None], null_emb, cap_emb[idx])
-        mask = torch.where(drop[:, None], null_mask, cap_mask[idx])
-        xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * noise
-        target = noise - x0
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = model(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=s * 1000,
-                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss = flow_matching_loss(model, x0, idx, cap_emb, cap_mask, null_emb, null_mask, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.demo import load_demo_pipeline
 from compress.demo.shapes import Scene, all_single_captions, render, sample_scene
 from compress.demo.text import embed
-from eval.train_demo import TEXT_LEN, image_to_latent, lr_at
+from eval.train_demo import TEXT_LEN, flow_matching_loss, image_to_latent, lr_at
 
 RANK = 4
 ALPHA = 4
@@ -50,23 +50,6 @@ def make_red_batch(seed: int, step: int, bs: int, cap_index: dict[str, int]):
     x0 = torch.stack([image_to_latent(render(s, 32, 4)) for s in red])
     idx = torch.tensor([cap_index[s.caption] for s in scenes])
     return x0, idx
-
-
-def flow_matching_loss(model, x0, idx, cap_emb, cap_mask, null_emb, null_mask, g) -> torch.Tensor:
-    """train_demo.py's loss: logit-normal times (20% uniform), 10% caption dropout, v = noise - x0."""
-    noise = torch.randn(x0.shape, generator=g)
-    s = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
-    u = torch.rand(x0.shape[0], generator=g)
-    s = torch.where(torch.rand(x0.shape[0], generator=g) < 0.2, u, s)
-    drop = torch.rand(x0.shape[0], generator=g) < 0.1
-    emb = torch.where(drop[:, None, None], null_emb, cap_emb[idx])
-    mask = torch.where(drop[:, None], null_mask, cap_mask[idx])
-    xt = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * noise
-    target = noise - x0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model(xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=s * 1000,
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred.float(), target)
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:

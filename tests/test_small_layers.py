@@ -39,8 +39,8 @@ def test_auto_choice_is_timed_once_per_shape_and_reused(monkeypatch):
     monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "auto")
     monkeypatch.setattr(w8a8_dense, "_DECISIONS", {})
     calls = []
-    real = w8a8_dense._best
-    monkeypatch.setattr(w8a8_dense, "_best", lambda f, reps=3: calls.append(1) or real(f, reps))
+    real = w8a8_dense.best_seconds
+    monkeypatch.setattr(w8a8_dense, "best_seconds", lambda f, repeats=3: calls.append(1) or real(f, repeats))
     a, b = _layer(), _layer()
     x = torch.randn(4, 64)
     with torch.no_grad():

@@ -71,31 +71,46 @@ def gguf_type(bits: int, symmetric: bool) -> str:
     return "Q4_0"
 
 
-def _carried_q4_1(m: nn.Module, w: torch.Tensor) -> np.ndarray | None:
-    """Q4_1 blocks (d, m, 4-bit codes: w = d q + m) with the asymmetric 4-bit layer's codes
-    and fp16 scales; GGUF's minimum m = -zero x scale is rounded to fp16, the only change."""
+def _per_column(m: nn.Module, w: torch.Tensor, asymmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The layer's fp16 scale (and zero point) per input column when its groups fit GGUF's
+    blocks of 32, else None."""
     scale, zero = getattr(m, "scale", None), getattr(m, "zero", None)
-    if not (isinstance(scale, torch.Tensor) and isinstance(zero, torch.Tensor)) or \
-            scale.dtype != torch.float16 or scale.dim() != 2 or \
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float16 or \
+            scale.dim() != 2 or (zero is not None) != asymmetric or \
             type(m).__name__ not in ("QLinear", "Int4Linear"):
         return None
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     g = scale.shape[1]
     gs = -(-in_f // g)
     if in_f % BLOCK or gs % BLOCK and g > 1:
         return None
     d = scale.float().repeat_interleave(gs, dim=1)[:, :in_f]
-    z = zero.float().repeat_interleave(gs, dim=1)[:, :in_f]
+    z = zero.float().repeat_interleave(gs, dim=1)[:, :in_f] if asymmetric else None
+    return d, z
+
+
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """[..., 32] codes < 16 -> GGUF's 16 bytes: low nibbles the first 16, high the last 16."""
+    return (u[..., :16] & 0x0F) | (u[..., 16:] << 4)
+
+
+def _carried_q4_1(m: nn.Module, w: torch.Tensor) -> np.ndarray | None:
+    """Q4_1 blocks (d, m, 4-bit codes: w = d q + m) with the asymmetric 4-bit layer's codes
+    and fp16 scales; GGUF's minimum m = -zero x scale is rounded to fp16, the only change."""
+    grid = _per_column(m, w, asymmetric=True)
+    if grid is None:
+        return None
+    d, z = grid
     q = torch.round(w / d + z)
     if not torch.equal((q - z) * d, w) or q.min() < 0 or q.max() > 15:
         return None
-    nb = in_f // BLOCK
+    out_f, nb = w.shape[0], w.shape[1] // BLOCK
     dblk = d[:, ::BLOCK].half().contiguous().numpy()
     mblk = (-(z * d))[:, ::BLOCK].half().contiguous().numpy()
     head = np.concatenate([dblk.view(np.uint8).reshape(out_f, nb, 2),
                            mblk.view(np.uint8).reshape(out_f, nb, 2)], axis=2)
-    u = q.to(torch.uint8).numpy().reshape(out_f, nb, BLOCK)
-    body = (u[..., :16] & 0x0F) | (u[..., 16:] << 4)
+    body = _nibbles(q.to(torch.uint8).numpy().reshape(out_f, nb, BLOCK))
     return np.concatenate([head, body], axis=2).reshape(out_f, -1)
 
 
@@ -104,32 +119,23 @@ def _carried(m: nn.Module, w: torch.Tensor, qtype: str) -> np.ndarray | None:
     grid is not GGUF's (groups not a multiple of 32, scales not fp16, ...)."""
     if qtype == "Q4_1":
         return _carried_q4_1(m, w)
-    scale = getattr(m, "scale", None)
-    if qtype not in ("Q8_0", "Q4_0") or not isinstance(scale, torch.Tensor) or \
-            scale.dtype != torch.float16 or getattr(m, "zero", None) is not None or \
-            scale.dim() != 2 or type(m).__name__ not in ("QLinear", "Int4Linear"):
+    grid = _per_column(m, w, asymmetric=False) if qtype in ("Q8_0", "Q4_0") else None
+    if grid is None:
         return None
-    out_f, in_f = w.shape
-    g = scale.shape[1]
-    gs = -(-in_f // g)
-    if in_f % BLOCK or gs % BLOCK and g > 1:
-        return None
-    d = scale.float().repeat_interleave(gs, dim=1)[:, :in_f]  # per input column
+    d, _ = grid
     q = torch.round(w / d)
     if not torch.equal(q * d, w):
         return None
     qmax = 127 if qtype == "Q8_0" else 7
     if q.abs().max() > qmax + 1 or q.min() < -qmax - 1:
         return None
-    nb = in_f // BLOCK
-    dblk = scale.repeat_interleave(gs, dim=1)[:, :in_f:BLOCK].contiguous().numpy()  # [out, nb]
-    head = dblk.view(np.uint8).reshape(out_f, nb, 2)
+    out_f, nb = w.shape[0], w.shape[1] // BLOCK
+    head = d[:, ::BLOCK].half().contiguous().numpy().view(np.uint8).reshape(out_f, nb, 2)
     qi = q.to(torch.int16).numpy().reshape(out_f, nb, BLOCK)
     if qtype == "Q8_0":
         body = qi.astype(np.int8).view(np.uint8)
     else:
-        u = (qi + 8).astype(np.uint8)
-        body = (u[..., :16] & 0x0F) | (u[..., 16:] << 4)
+        body = _nibbles((qi + 8).astype(np.uint8))
     return np.concatenate([head, body], axis=2).reshape(out_f, -1)
 
 

@@ -18,6 +18,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` after one untimed call (for choosing
+    between two implementations at run time, where the minimum is the least noisy)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def latency_ms_per_step(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds.
 

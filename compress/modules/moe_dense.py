@@ -14,22 +14,13 @@ token was routed to); only where the time goes differs.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import torch
 
+from compress.metrics.timing import best_seconds
+
 _DECISIONS: dict[tuple, str] = {}
-
-
-def _best(f, reps: int = 3) -> float:
-    f()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 @torch.no_grad()
@@ -49,8 +40,8 @@ def choose(layer: Any, x: torch.Tensor, xt: torch.Tensor, samples: int) -> str:
                 route.compute(x, xt, samples)
                 (layer._packed(x, xt) if layer.act is not None else layer._scatter(x, xt))
 
-            dense = _best(lambda: layer._dense(x, xt, samples))
-            _DECISIONS[key] = "dense" if dense < _best(sparse) else "sparse"
+            dense = best_seconds(lambda: layer._dense(x, xt, samples))
+            _DECISIONS[key] = "dense" if dense < best_seconds(sparse) else "sparse"
         finally:
             route.collect = collect
             route.clear()

@@ -17,11 +17,12 @@ The run's report counts the layers that chose the dense form (``speed.w8a8_dense
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from compress.metrics.timing import best_seconds
 
 MAX_MACS = 1 << 26  # tokens x in x out above which the int8 path is kept without timing
 _DECISIONS: dict[tuple, bool] = {}
@@ -48,16 +49,6 @@ def forward(layer: Any, x: torch.Tensor, activation: str) -> torch.Tensor:
     return kernels.apply_activation(F.linear(x, weight(layer, x.dtype), b), activation)
 
 
-def _best(f, reps: int = 3) -> float:
-    f()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 @torch.no_grad()
 def _decide(layer: Any, x: torch.Tensor) -> bool:
     forced = _forced()
@@ -76,7 +67,7 @@ def _decide(layer: Any, x: torch.Tensor) -> bool:
             xq, xs = layer.quantize_input(x)
             layer.matmul_codes(xq, xs, x.dtype)
 
-        _DECISIONS[key] = _best(lambda: forward(layer, x, layer.activation)) < _best(int8)
+        _DECISIONS[key] = best_seconds(lambda: forward(layer, x, layer.activation)) < best_seconds(int8)
     if not _DECISIONS[key]:
         layer._dense_w = None  # the timing built it; an int8 layer does not keep it
     return _DECISIONS[key]
