@@ -405,3 +405,20 @@ def test_peft_model_from_pretrained_on_a_compressed_transformer(tiny_pipeline_di
     compress.load_lora(q, tmp_path / "adapter")  # the same folder through compress.load_lora
     assert torch.allclose(_run(q, "pixart"), got, atol=1e-5)
     assert _psnr(got, ref) > 40
+
+
+def test_stock_load_lora_weights_readdresses_a_depth_pruned_sd3(tiny_pipeline_dir, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = tiny_pipeline_dir("sd3")
+    compress.run_recipe({"name": "t", **TINY, "passes": [
+        {"prune_depth": {"method": "list", "blocks": ["transformer_blocks.0"]}}]},
+        str(src), tmp_path / "o")
+    sd = _make_lora(src, tmp_path / "l.safetensors")
+    q = compress.load_pipeline(tmp_path / "o")
+    with pytest.warns(UserWarning, match=r"transformer_blocks\.0\.attn\.to_q: its block was "
+                                         r"removed by depth pruning"):
+        q.load_lora_weights(str(tmp_path / "l.safetensors"), adapter_name="x")  # stock call
+    # block 1 of the original is block 0 now, and carries block 1's adapter
+    got = q.transformer.transformer_blocks[0].attn.to_q.lora_A["x"].weight
+    assert torch.equal(got, sd["transformer_blocks.1.attn.to_q.lora_A.weight"])
