@@ -17,6 +17,8 @@ from compress.lora import remap
 from compress.lora.layer import install, lora_class
 
 _PREFIXES = ("base_model.model.", "transformer.")
+# the file a LoRA folder holds, as PEFT and diffusers name it (others: the first by name)
+_WEIGHT_NAMES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
 def read(src: str | Path | dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -31,7 +33,8 @@ def read(src: str | Path | dict) -> tuple[dict[str, torch.Tensor], dict]:
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
             cfg = json.loads((p / "adapter_config.json").read_text())
-        files = sorted(p.glob("*.safetensors"))
+        files = sorted(p.glob("*.safetensors"),
+                       key=lambda f: (f.name not in _WEIGHT_NAMES, f.name))
         if not files:
             raise UserError(f"{p}: no .safetensors file in this LoRA directory")
         p = files[0]
