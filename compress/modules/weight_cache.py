@@ -6,7 +6,7 @@ small layer (the demo's 256-wide blocks) the rebuild costs more than the matmul 
 layer of at most ``MAX_ELEMENTS`` weights keeps the rebuilt weight and reuses it: the same
 tensor the call would have built, so outputs are bit-equal and only memory changes (at most
 ``MAX_ELEMENTS`` x 4 bytes per layer; the report's peak memory includes it).
-``DIT_COMPRESS_WEIGHT_CACHE=0`` turns it off.
+``DIT_COMPRESS_WEIGHT_CACHE=0`` (read at import) turns it off.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ import torch
 MAX_ELEMENTS = 1 << 19  # 512K weights (2 MB in fp32): the demo's layers, not a 1152-wide one
 
 
-def _enabled() -> bool:
-    return os.environ.get("DIT_COMPRESS_WEIGHT_CACHE", "1").strip().lower() not in (
-        "0", "false", "off", "no")
+ENABLED = os.environ.get("DIT_COMPRESS_WEIGHT_CACHE", "1").strip().lower() not in (
+    "0", "false", "off", "no")
 
 
 def weight(layer: torch.nn.Module, dtype: torch.dtype,
            build: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
-    """``build(dtype)``, kept on ``layer`` while its buffers are unchanged (small layers only)."""
-    if (torch.compiler.is_compiling() or layer.in_features * layer.out_features > MAX_ELEMENTS
-            or not _enabled()):
+    """``build(dtype)``, kept on ``layer`` while its buffers are unchanged (small layers only).
+    Called on every forward of these layers, so it stays a few dict reads."""
+    if (not ENABLED or layer.in_features * layer.out_features > MAX_ELEMENTS
+            or torch.compiler.is_compiling()):
         return build(dtype)
-    key = tuple((t.data_ptr(), t._version) for t in layer.buffers()) + (dtype,)
+    key = (dtype, *((t.data_ptr(), t._version) for t in layer._buffers.values() if t is not None))
     hit = layer.__dict__.get("_weight_cache")
     if hit is not None and hit[0] == key:
         return hit[1]
