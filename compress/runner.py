@@ -472,10 +472,10 @@ def run_recipe(
                             f"the {Path(str(model)).name} pipeline's layout is known: remove it")
         handle = load_model(model, device=device)
     lora_info = None
-    if lora is not None:
-        from compress.lora.load import fuse_source
+    if lora is not None:  # a readable LoRA file, checked with the rest before any work
+        from compress.lora.load import check_source
 
-        lora_info = fuse_source(handle, lora, lora_scale)
+        check_source(lora)
     check_gates(handle, recipe, has_calib=handle.pipeline is not None or calibrate_fn is not None,
                 sample_fn=sample_fn, metric_fn=metric_fn)
     for name, cfg in recipe.pass_specs():  # each pass's model-dependent rules, before any work
@@ -498,6 +498,10 @@ def run_recipe(
 
             for _ in walk(Path(handle.source)):  # loops and broken links refused before work
                 pass
+    if lora is not None:  # fused into the source: calibration sees what will run
+        from compress.lora.load import fuse_source
+
+        lora_info = fuse_source(handle, lora, lora_scale)
     torch.manual_seed(recipe.seed)
     tr = handle.transformer
     phase("load_and_checks")

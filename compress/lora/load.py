@@ -292,14 +292,22 @@ def fuse_lora_into(module: nn.Module, src: str | Path, scale: float) -> list[str
     return done
 
 
+def check_source(src: str | Path) -> None:
+    """``run --lora``: the file or folder exists and holds LoRA tensors (UserError if not)."""
+    if not Path(src).exists():
+        raise UserError(f"--lora {src}: no such file or directory")
+    layers, _ = by_layer(read(src)[0])
+    if not layers:
+        raise UserError(f"--lora {src}: no LoRA tensors in it (keys ending in lora_A.weight / "
+                        "lora_B.weight)")
+
+
 def fuse_source(handle, src: str | Path, scale: float) -> dict:
     """``run --lora``: fold a LoRA into the loaded source model before calibration; the caches
     key on the model with it (source hash, LoRA digest and strength). Returns the report entry."""
     import hashlib
 
     p = Path(src)
-    if not p.exists():
-        raise UserError(f"--lora {p}: no such file or directory")
     files = sorted(p.glob("*")) if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:
