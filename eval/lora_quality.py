@@ -47,13 +47,11 @@ def lora_table(outputs: list[Path], lora=None, scale: float = 1.0,
     from compress.models import load_model
 
     lora = lora or RED_LORA
-    handle = load_model("demo")
-    gen = handle.adapter.generate
     cache: dict[tuple, tuple] = {}
 
-    def sample(pipe, ev, n):
-        return gen(pipe, ev["prompts"][:n], ev["seeds"][:n], ev["steps"], ev["guidance"],
-                   ev["resolution"])
+    def sample(pipe, ev, n):  # the demo family's sampler, taken from the first load below
+        return pipe_generate(pipe, ev["prompts"][:n], ev["seeds"][:n], ev["steps"],
+                             ev["guidance"], ev["resolution"])
 
     rows = []
     for out in outputs:
@@ -61,7 +59,8 @@ def lora_table(outputs: list[Path], lora=None, scale: float = 1.0,
         n = num_prompts or len(ev["prompts"])
         key = (tuple(ev["prompts"][:n]), tuple(ev["seeds"][:n]), ev["steps"])
         if key not in cache:  # the original, with and without the LoRA, once per prompt set
-            orig = load_model("demo").pipeline
+            handle = load_model("demo")
+            pipe_generate, orig = handle.adapter.generate, handle.pipeline
             base = sample(orig, ev, n)
             compress.load_lora(orig, lora, scale)
             cache[key] = (base, sample(orig, ev, n))

@@ -124,12 +124,8 @@ def _make_class():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 stash = self._stash.pop(name, None)
-                if stash is not None:
+                if stash is not None:  # the layers' load hooks drop what they derived
                     base.load_state_dict(stash)
-                    if hasattr(base, "release"):
-                        base.release()
-                    if hasattr(base, "_unpacked"):
-                        base._unpacked = None
 
         def __repr__(self) -> str:
             return "lora.Compressed" + nn.Module.__repr__(self)

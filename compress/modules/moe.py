@@ -22,9 +22,10 @@ So every expert matmul runs on its own tokens only (no dense compute with masks)
 element-wise activation sees the whole hidden width. Two exceptions run a dense masked form
 (every expert on every token, zeroed where not chosen; same values): under torch.compile, whose
 graphs need shapes that do not depend on the routing, and feed-forwards too small for the
-sparse form's gathers to pay, chosen by timing (:mod:`compress.modules.moe_dense`). With all experts chosen (top_k = experts)
-the pair computes exactly the dense FFN: the gate's value is one, and the router learns through
-its gradient (straight-through: value 1, derivative that of the softmax probability).
+sparse form's gathers to pay, chosen by timing (:mod:`compress.modules.moe_dense`). With all
+experts chosen (top_k = experts) the pair computes exactly the dense FFN: the gate's value is
+one, and the router learns through its gradient (straight-through: value 1, derivative that of
+the softmax probability).
 
 The router reads the token's FFN input and, optionally, the denoising timestep (sinusoidal
 features through a zero-initialised Linear). The timestep comes from a forward pre-hook on the

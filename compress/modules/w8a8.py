@@ -413,8 +413,8 @@ class W8A8Linear(nn.Module):
             # torch._int_mm's int32 accumulators: row scale, weight scales, bias and the
             # activation in one fused pass to the output dtype
             acc = torch._int_mm(xq, self.weight.t())
-            return kernels.rescale_int32(acc, x_scale, self.weight_scale, self.bias, out_dtype,
-                                         act)
+            return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act,
+                                        self.weight_scale)
         # Per-token scales differ per row, which oneDNN's epilogue cannot apply; its output
         # keeps the weight scales and one fused pass adds row scale, bias and activation.
         acc_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
@@ -502,18 +502,22 @@ class W8A8FeedForward(nn.Module):
             # a LoRA side branch wraps a projection: each layer runs on its own (the wrapper
             # adds the branch before the GELU the first GEMM applies)
             return out(proj(hidden_states))
-        grouped = proj.n_groups > 1 or out.n_groups > 1
-        tokens = hidden_states.numel() // proj.in_features
-        dense = (w8a8_dense.use_dense(proj, hidden_states)
-                 or w8a8_dense.use_dense_for(out, tokens, hidden_states))
-        if proj.act == "static" and out.act == "static" and not dense and not (
-                grouped and torch.compiler.is_compiling()):
+        if proj.act == "static" and out.act == "static" and self._fusable(proj, out, hidden_states):
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
             y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
         else:
             y = out(proj(hidden_states))
         return y.view(*hidden_states.shape[:-1], out.out_features)
+
+    @staticmethod
+    def _fusable(proj: W8A8Linear, out: W8A8Linear, x: torch.Tensor) -> bool:
+        """Whether the static int8 hand-over applies: neither layer runs dequantised (small
+        layers, w8a8_dense), and no timestep-group scale is a traced tensor (torch.compile)."""
+        if (proj.n_groups > 1 or out.n_groups > 1) and torch.compiler.is_compiling():
+            return False
+        tokens = x.numel() // proj.in_features
+        return not (w8a8_dense.use_dense(proj, x) or w8a8_dense.use_dense_for(out, tokens, x))
 
     @torch.no_grad()
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -182,26 +182,14 @@ def rescale_rows(
     bias: torch.Tensor | None,
     dtype: torch.dtype,
     activation: str,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(acc [M, N] * row_scale [M, 1] + bias) -> ``dtype``; acc already has weight scales."""
+    """act(acc [M, N] * row_scale [M, 1] + bias) -> ``dtype``, in one pass. ``acc`` already
+    holds the weight scales, or (torch._int_mm's int32 accumulators) ``col_scale`` [N] gives
+    them."""
     y = acc.float() * row_scale
-    if bias is not None:
-        y = y + bias
-    return apply_activation(y, activation).to(dtype)
-
-
-@fused
-def rescale_int32(
-    acc: torch.Tensor,
-    row_scale: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-    activation: str,
-) -> torch.Tensor:
-    """act(acc [M, N] int32 * row_scale [M, 1] * w_scale [N] + bias) -> ``dtype`` in one pass
-    (torch._int_mm's accumulators straight to the output: no float intermediate)."""
-    y = acc.float() * row_scale * w_scale
+    if col_scale is not None:
+        y = y * col_scale
     if bias is not None:
         y = y + bias
     return apply_activation(y, activation).to(dtype)
@@ -225,7 +213,7 @@ def onednn_int8_fast() -> bool:
         return forced == "onednn" and onednn_int8_available()
     if not onednn_int8_available():
         return False
-    import time
+    from compress.metrics.timing import best_seconds
 
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (256, 256), dtype=torch.int8, generator=g)
@@ -240,16 +228,7 @@ def onednn_int8_fast() -> bool:
     def int_mm() -> None:
         torch._int_mm(x, w.t())
 
-    def best(f) -> float:
-        f()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    fast = best(onednn) <= 4.0 * best(int_mm)
+    fast = best_seconds(onednn) <= 4.0 * best_seconds(int_mm)
     if not fast:
         log.info("oneDNN int8 linear is slow on this CPU; W8A8 uses torch._int_mm")
     return fast
