@@ -124,9 +124,36 @@ def attach(module: nn.Module, passes: list[dict]) -> None:
         sd = dict(rest)
         for path, parts in fitted.items():
             sd.update({f"{lead}{path}.{k}": v for k, v in parts.items()})
+        if isinstance(kwargs.get("metadata"), dict):
+            kwargs["metadata"] = _metadata_for(kwargs["metadata"], fitted, module)
         return original(sd, *args, prefix=prefix, **kwargs)
 
     module.load_lora_adapter = load_lora_adapter
+
+
+def _metadata_for(meta: dict, fitted: dict[str, dict], module: nn.Module) -> dict:
+    """The file's LoRA config (diffusers passes it to PEFT) re-addressed like its tensors: the
+    target modules are the layers that now take the adapter, and a rank or alpha given for a
+    layer to_moe split applies to each of its pieces."""
+    mods = dict(module.named_modules())
+    parent = {}
+    for path in fitted:
+        owner, _, child = path.rpartition(".")
+        if child.isdigit() and owner.endswith(".experts"):
+            owner = owner[: -len(".experts")]
+        if type(mods.get(owner)).__name__ in ("MoEIn", "MoEOut"):
+            parent[path] = owner + ".proj" if getattr(mods[owner], "act", None) else owner
+    out = dict(meta)
+    for key, value in meta.items():
+        if key.endswith("target_modules") and value is not None:
+            out[key] = sorted(fitted)
+        elif key.endswith(("rank_pattern", "alpha_pattern")) and isinstance(value, dict):
+            hit = {k: v for k, v in value.items()
+                   if any(p == k or p.endswith("." + k) for p in fitted)}
+            extra = {p: v for k, v in value.items() for p, q in parent.items()
+                     if q == k or q.endswith("." + k)}
+            out[key] = {**hit, **extra}  # PEFT refuses a pattern that matches no layer
+    return out
 
 
 def attach_pipeline(pipe) -> None:

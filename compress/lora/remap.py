@@ -4,8 +4,13 @@ The output's manifest lists its passes with their meta. Depth pruning removes an
 blocks (``transformer_blocks.5`` may now be ``transformer_blocks.3``): keys are renamed and
 those of removed blocks dropped. Width pruning keeps some heads and channels of each unit: the
 adapter's ``B`` keeps the rows of the kept outputs and its ``A`` the columns of the kept inputs.
-Keys whose layer has no side branch (experts of a mixture, a quantised convolution) or whose
-shapes still do not match are dropped. Every dropped key is named in the returned notes.
+``to_moe`` splits a feed-forward's first and last layers into a shared expert and routed experts
+(hidden channels reordered): the first layer's adapter becomes one adapter per expert (``B``'s
+rows of the expert's channels, ``A`` whole), the last layer's likewise (``A``'s columns of the
+expert's channels, ``B`` whole), so each expert runs its part of the branch on its own tokens and
+the pair with every expert chosen computes the original layer's branch exactly.
+Keys whose layer has no side branch (a quantised convolution, a depthwise convolution whose
+channels to_moe reordered) or whose shapes still do not match are dropped. Every dropped key is named in the returned notes.
 """
 
 from __future__ import annotations
@@ -101,6 +106,72 @@ def _width(layers: dict[str, dict], meta: dict) -> dict[str, dict]:
     return out
 
 
+def _spans(unit: dict) -> list[tuple[str, list[int]]]:
+    """(child name, original hidden channels) of the shared expert and each routed expert."""
+    order, shared = [int(i) for i in unit["order"]], int(unit["shared"])
+    out = [("shared", order[:shared])] if shared else []
+    a = shared
+    for e, w in enumerate(unit["widths"]):
+        out.append((f"experts.{e}", order[a:a + int(w)]))
+        a += int(w)
+    return out
+
+
+def _moe(layers: dict[str, dict], meta: dict, notes: list[str]) -> dict[str, dict]:
+    out = dict(layers)
+    for unit in meta.get("units", []):
+        spec = unit["spec"]
+        ins = {(s["name"] + ".proj" if s.get("act") else s["name"]): s for s in spec["ins"]}
+        o = spec["out"]
+        for d in spec.get("depthwise", []):
+            if out.pop(d["name"], None) is not None:
+                notes.append(f"{d['name']}: a depthwise convolution whose channels to_moe "
+                             "reordered; takes no LoRA side branch")
+        touched = [p for p in (*ins, o["name"]) if p in out]
+        if touched and "order" not in unit:
+            for p in touched:
+                out.pop(p)
+                notes.append(f"{p}: split into experts by a to_moe run that did not record its "
+                             "channel order (re-run to_moe to put a LoRA on its experts)")
+            continue
+        hidden = int(spec["hidden"])
+        for path, s in ins.items():
+            t = out.pop(path, None)
+            if t is None:
+                continue
+            a = t["lora_A.weight"].flatten(1)
+            b = t["lora_B.weight"].flatten(1)
+            for child, idx in _spans(unit):
+                rows = torch.tensor([p * hidden + i for p in range(int(s["parts"])) for i in idx],
+                                    dtype=torch.long)
+                piece = {"lora_A.weight": a, "lora_B.weight": b[rows]}
+                if "lora_B.bias" in t:
+                    piece["lora_B.bias"] = t["lora_B.bias"][rows]
+                if "alpha" in t:
+                    piece["alpha"] = t["alpha"]
+                out[f"{s['name']}.{child}"] = piece
+        t = out.pop(o["name"], None)
+        if t is None:
+            continue
+        a, b = t["lora_A.weight"].flatten(1), t["lora_B.weight"].flatten(1)
+        off = int(o.get("offset", 0))
+        pieces = ([("rest", list(range(off)))] if off else []) + \
+            [(c, [off + i for i in idx]) for c, idx in _spans(unit)]
+        for j, (child, cols) in enumerate(pieces):
+            piece = {"lora_A.weight": a[:, torch.tensor(cols, dtype=torch.long)],
+                     "lora_B.weight": b}
+            if "lora_B.bias" in t and j == 0:
+                if child in ("rest", "shared"):  # run by every token: the bias added once
+                    piece["lora_B.bias"] = t["lora_B.bias"]
+                else:
+                    notes.append(f"{o['name']}: its adapter's bias left out (no part of the "
+                                 "layer runs on every token)")
+            if "alpha" in t:
+                piece["alpha"] = t["alpha"]
+            out[f"{o['name']}.{child}"] = piece
+    return out
+
+
 def through_passes(layers: dict[str, dict], passes: list[dict]) -> tuple[dict[str, dict],
                                                                           list[str]]:
     """Follow ``layers`` ({module path: {part: tensor}}, original numbering) through the
@@ -112,6 +183,8 @@ def through_passes(layers: dict[str, dict], passes: list[dict]) -> tuple[dict[st
             layers = _depth(layers, p.get("meta", {}), notes)
         elif p.get("name") == "prune_width":
             layers = _width(layers, p.get("meta", {}))
+        elif p.get("name") == "to_moe":
+            layers = _moe(layers, p.get("meta", {}), notes)
     return layers, notes
 
 

@@ -239,7 +239,10 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         ffn_active += dense - sum(per_expert) * (1 - cfg.top_k / cfg.experts) + router_w
         widths_report[u.name] = [len(shared_idx), [len(g) for g in groups]]
         meta_units.append({"spec": spec, "shared": len(shared_idx),
-                           "widths": [len(g) for g in groups]})
+                           "widths": [len(g) for g in groups],
+                           # original hidden channel of each new one (LoRA keys follow it)
+                           "order": [int(i) for i in (*shared_idx, *(i for g in groups
+                                                                    for i in g))]})
     after = _outputs(handle, check_set)
     err = [float((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-20))
            for a, b in zip(after, before)]
