@@ -313,3 +313,26 @@ def test_w8a8_portable_int_mm_path_agrees(act: str, monkeypatch: pytest.MonkeyPa
         slow = q(x)
     assert q.prepare()["packed"] is None
     assert (fast - slow).abs().max() < 1e-4
+
+
+def test_w8a8_int_mm_path_survives_inductor_freezing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's freezing passes rewrite ``_int_mm -> float -> * row -> * col`` into oneDNN's
+    int8 linear, the reference kernel (hundreds of times slower) on CPUs where the int_mm path
+    was chosen; the compiled layer must keep torch._int_mm, and agree with eager."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(kernels, "prepack_int8", lambda w: None)
+    q = W8A8Linear.from_linear(_linear(), act="dynamic")
+    q.activation = "gelu"
+    x = _x(64, 256)
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    with torch.no_grad():
+        eager = q(x)
+        y, code = run_and_get_code(torch.compile(q), x)
+    torch._dynamo.reset()
+    assert q.prepare()["packed"] is None
+    src = "\n".join(code)
+    assert "_int_mm" in src and "qlinear_pointwise" not in src
+    assert (y - eager).abs().max() < 1e-4

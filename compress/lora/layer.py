@@ -67,12 +67,16 @@ def _make_class():
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             # A W8A8 layer that applies the feed-forward's GELU inside its GEMM must add the
             # branch before the activation: the base runs without it, the activation after.
+            from compress.modules.w8a8 import W8A8Linear
             from compress.quant import kernels
 
             base = self.get_base_layer()
             act = getattr(base, "activation", "none")
             plain = not (args or kwargs or self.disable_adapters or self.merged
                          or any(a in self.lora_variant for a in self.active_adapters))
+            if plain and isinstance(base, W8A8Linear):
+                # the branch joins in the layer's rescale pass, before its activation
+                return base(x, addend=self._side_branch(x, None))
             if plain:
                 y = self._side_branch(x, base(x, activation="none") if act != "none" else base(x))
             elif act == "none" or kwargs.get("activation") is not None:
@@ -81,22 +85,25 @@ def _make_class():
                 y = super().forward(x, *args, activation="none", **kwargs)
             return kernels.apply_activation(y, act) if act != "none" else y
 
-        def _side_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def _side_branch(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
             # y + scaling * (x A^T) B^T, the second product accumulated into y by one addmm
-            # (no separate scale and add passes over the layer's output)
-            shape = y.shape
-            y2 = y.reshape(-1, shape[-1])
+            # (no separate scale and add passes over the layer's output). y None: the branch
+            # alone ([M, out] in x's dtype; None when no adapter is active).
+            shape = (*x.shape[:-1], self.out_features) if y is None else y.shape
+            dtype = x.dtype if y is None else y.dtype
+            y2 = None if y is None else y.reshape(-1, shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             for name in self.active_adapters:
                 if name not in self.lora_A:
                     continue
                 a, b = self.lora_A[name], self.lora_B[name]
-                h = a(self.lora_dropout[name](x2.to(a.weight.dtype))).to(y2.dtype)
+                h = a(self.lora_dropout[name](x2.to(a.weight.dtype))).to(dtype)
                 s = self.scaling[name]
-                y2 = torch.addmm(y2, h, b.weight.t().to(y2.dtype), alpha=s)
+                bt = b.weight.t().to(dtype)
+                y2 = torch.mm(h * s, bt) if y2 is None else torch.addmm(y2, h, bt, alpha=s)
                 if b.bias is not None:
-                    y2 = y2 + s * b.bias.to(y2.dtype)
-            return y2.view(shape)
+                    y2 = y2 + s * b.bias.to(dtype)
+            return y2 if y2 is None else y2.view(shape)
 
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             from peft.tuners.tuners_utils import check_adapters_to_merge

@@ -394,14 +394,21 @@ class W8A8Linear(nn.Module):
         out_dtype: torch.dtype,
         out_scale: float | None = None,
         activation: str | None = None,
+        addend: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """int8 codes [M, in] (from :meth:`quantize_input`) -> act(x W^T + b) [M, out].
+        """int8 codes [M, in] (from :meth:`quantize_input`) -> act(x W^T + b + addend) [M, out].
 
         ``out_scale``: return int8 codes on that scale instead (static inputs only).
-        ``activation``: instead of the layer's own (a LoRA side branch adds before it).
+        ``activation``: instead of the layer's own. ``addend`` [M, out]: added before the
+        activation (a LoRA side branch), in the rescale pass where there is one.
         """
         act = self.activation if activation is None else activation
         d = self.prepare()
+        if addend is not None and out_scale is not None:
+            raise ValueError("matmul_codes: an addend needs a floating-point output")
+        if addend is not None and isinstance(x_scale, float):  # static: oneDNN's epilogue
+            y = self.matmul_codes(xq, x_scale, torch.float32, activation="none")
+            return kernels.apply_activation(y + addend.float(), act).to(out_dtype)
         if isinstance(x_scale, float):
             return kernels.int8_linear(
                 xq, x_scale, self.weight, d["packed"], self.weight_scale, d["w_zero"], self.bias,
@@ -414,20 +421,29 @@ class W8A8Linear(nn.Module):
             # activation in one fused pass to the output dtype
             acc = torch._int_mm(xq, self.weight.t())
             return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act,
-                                        self.weight_scale)
+                                        self.weight_scale, addend)
         # Per-token scales differ per row, which oneDNN's epilogue cannot apply; its output
         # keeps the weight scales and one fused pass adds row scale, bias and activation.
         acc_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
         acc = kernels.int8_linear(
             xq, 1.0, self.weight, d["packed"], self.weight_scale, d["w_zero"], None, acc_dtype
         )
-        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act)
+        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act, None, addend)
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None,
+                addend: torch.Tensor | None = None) -> torch.Tensor:
+        """``addend`` [..., out] joins the result before the activation (a LoRA side branch:
+        in the rescale pass, so the branch costs no extra pass over the output)."""
+        act = self.activation if activation is None else activation
         if w8a8_dense.use_dense(self, x):
-            return w8a8_dense.forward(self, x, self.activation if activation is None else activation)
+            if addend is None:
+                return w8a8_dense.forward(self, x, act)
+            y = w8a8_dense.forward(self, x, "none")
+            return kernels.apply_activation(y + addend.view_as(y).to(y.dtype), act)
         xq, x_scale = self.quantize_input(x)
-        y = self.matmul_codes(xq, x_scale, x.dtype, activation=activation)
+        if addend is not None:
+            addend = addend.reshape(-1, self.out_features)
+        y = self.matmul_codes(xq, x_scale, x.dtype, activation=activation, addend=addend)
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()

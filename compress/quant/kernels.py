@@ -183,15 +183,24 @@ def rescale_rows(
     dtype: torch.dtype,
     activation: str,
     col_scale: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(acc [M, N] * row_scale [M, 1] + bias) -> ``dtype``, in one pass. ``acc`` already
-    holds the weight scales, or (torch._int_mm's int32 accumulators) ``col_scale`` [N] gives
-    them."""
-    y = acc.float() * row_scale
-    if col_scale is not None:
-        y = y * col_scale
+    """act(acc [M, N] * row_scale [M, 1] + bias + addend) -> ``dtype``, in one pass. ``acc``
+    already holds the weight scales, or (torch._int_mm's int32 accumulators) ``col_scale`` [N]
+    gives them; ``addend`` [M, N] (a LoRA side branch) joins before the activation."""
+    if col_scale is not None and torch.compiler.is_compiling():
+        # one product of the two scales: inductor's freezing passes rewrite the chain
+        # _int_mm -> float -> * row -> * col into oneDNN's int8 linear, which is the slow
+        # reference kernel on CPUs where :func:`onednn_int8_fast` chose torch._int_mm
+        y = acc.float() * (row_scale * col_scale)
+    else:
+        y = acc.float() * row_scale
+        if col_scale is not None:
+            y = y * col_scale
     if bias is not None:
         y = y + bias
+    if addend is not None:
+        y = y + addend.float()
     return apply_activation(y, activation).to(dtype)
 
 
