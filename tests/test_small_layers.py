@@ -4,6 +4,7 @@ and counted in the report; the dense form is the float matmul with the stored in
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -92,7 +93,8 @@ def test_small_weight_only_layers_reuse_their_weight_bit_equal(monkeypatch):
     assert "_weight_cache" not in big.__dict__
 
 
-def test_small_moe_runs_dense_with_the_same_values_and_counts(tiny_pipeline_dir, tmp_path,
+@pytest.mark.parametrize("family", ["pixart", "sana", "flux"])  # packed; depthwise conv; offset
+def test_small_moe_runs_dense_with_the_same_values_and_counts(family, tiny_pipeline_dir, tmp_path,
                                                                monkeypatch):
     import sys
 
@@ -105,8 +107,8 @@ def test_small_moe_runs_dense_with_the_same_values_and_counts(tiny_pipeline_dir,
     compress.run_recipe({"name": "t", "calibration": {"num_prompts": 2, "steps": 3},
                          "eval": {"enabled": False, "latency": False},
                          "passes": [{"to_moe": {"experts": 4, "top_k": 1, "shared": 0.25}}]},
-                        str(tiny_pipeline_dir("pixart")), tmp_path / "o")
-    args, kw = first_call_inputs("pixart")
+                        str(tiny_pipeline_dir(family)), tmp_path / "o")
+    args, kw = first_call_inputs(family)
     outs, loads = {}, {}
     for mode in ("never", "always"):
         monkeypatch.setenv("DIT_COMPRESS_MOE_DENSE", mode)

@@ -285,11 +285,14 @@ def test_bad_configs_are_refused_before_any_work(tiny_pipeline_dir, tmp_path, mo
             {"ptq": {"weights": {"bits": 8}}}, {"to_moe": {"experts": 2}}]}, src, tmp_path / "o")
 
 
+@pytest.mark.parametrize("form", ["never", "always"])
 @pytest.mark.parametrize("act", ["gelu-approximate", "geglu", "swiglu", "gelu"])
-def test_packed_diffusers_feedforward_matches_its_dense_reference(act):
+def test_packed_diffusers_feedforward_matches_its_dense_reference(act, form, monkeypatch):
     """A diffusers FeedForward converts to the packed pair (the activation applied per expert,
     no full-width hidden tensor): all experts chosen is the dense layer; top 2 is the dense
-    layer with the other experts' hidden channels zeroed, token by token."""
+    layer with the other experts' hidden channels zeroed, token by token. The same in the
+    sparse form and the dense masked one (small layers, torch.compile)."""
+    monkeypatch.setenv("DIT_COMPRESS_MOE_DENSE", form)
     from diffusers.models.attention import FeedForward
 
     from compress.models.width_units import Unit
@@ -312,7 +315,9 @@ def test_packed_diffusers_feedforward_matches_its_dense_reference(act):
         spec = convert.spec_of(h, u)
         assert spec["out"]["packed"] and spec["ins"][0]["name"] == "ff.net.0"
         convert.convert(h, spec, shared, groups, k, False, (w, b), None)
-        got[k] = h.ff(x)
+        with torch.no_grad():
+            got[k] = h.ff(x)
+        assert h.ff.net[0].route.mode == ("dense" if form == "always" else "sparse")
     assert torch.allclose(got[4], dense(x), atol=1e-5)
     top = (x.reshape(-1, 16) @ w.T + b).topk(2, dim=-1).indices
     hid = dense.net[0](x.reshape(-1, 16))

@@ -332,25 +332,11 @@ class MoEIn(nn.Module):
         return _untokens(out, x, self.conv)
 
     def _dense(self, x: torch.Tensor, xt: torch.Tensor, samples: int) -> torch.Tensor:
-        # Every expert runs on every token and the ones a token did not choose are zeroed: under
-        # torch.compile (static shapes) and on layers too small for the sparse form to pay
-        # (moe_dense). The same values as the sparse form, not its saving.
-        # The packed form's activation is applied here, its columns laid out densely.
-        route = self.route
-        route.compute_dense(xt, samples)
-        act = ACTIVATIONS[self.act] if self.act is not None else (lambda t: t)
-        keep = (route.mask != 0).to(xt.dtype)
-        halves = [[] for _ in range(self.parts)]
-        for i, lin in enumerate(([self.shared] if self.shared is not None else [])
-                                + list(self.experts)):
-            y = act(lin(xt))
-            if lin is not self.shared:
-                e = i - (self.shared is not None)
-                y = y * keep[:, e:e + 1]
-            for p, piece in enumerate(y.chunk(self.parts, dim=-1)):
-                halves[p].append(piece)
-        out = torch.cat([torch.cat(h, dim=-1) for h in halves], dim=-1)
-        return _untokens(out, x, self.conv)
+        # Every expert on every token, zeroed where not chosen (moe_dense): under torch.compile
+        # (static shapes) and on layers too small for the sparse form to pay. The same values
+        # as the sparse form, not its saving; a packed activation is applied here.
+        act = ACTIVATIONS[self.act] if self.act is not None else None
+        return _untokens(moe_dense.forward_in(self, xt, samples, act), x, self.conv)
 
     def _packed(self, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         act, route = ACTIVATIONS[self.act], self.route
@@ -419,22 +405,9 @@ class MoEOut(nn.Module):
         return _untokens(y, h, self.conv)
 
     def _dense(self, h: torch.Tensor) -> torch.Tensor:
-        route = self.route
         ht, _ = _tokens(h, self.conv)
-        a = 0 if self.packed else self.offset
-        y = self.rest(ht[:, :a]) if self.rest is not None else None
-        if self.shared is not None:
-            z = self.shared(ht[:, a:a + self.shared_width])
-            y = z if y is None else y + z
-        a += self.shared_width
-        for e, lin in enumerate(self.experts):
-            w = self.widths[e]
-            z = lin(ht[:, a:a + w]) * route.mask[:, e:e + 1]
-            y = z if y is None else y + z
-            a += w
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        route.clear()
+        y = moe_dense.forward_out(self, ht, 0 if self.packed else self.offset)
+        self.route.clear()
         return _untokens(y, h, self.conv)
 
     def _packed(self, flat: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ up to the order of float additions. Training runs sparse. Decisions are cached p
 shape; ``DIT_COMPRESS_MOE_DENSE=never`` or ``=always`` forces the choice. The routing, its load
 statistics and the report's active parameters are the same in both forms (they count what a
 token was routed to); only where the time goes differs.
+
+The dense form is also what torch.compile traces (its shapes do not depend on the routing). A
+small pair whose pieces are plain Linears (no quantised expert, no LoRA on one) runs it as the
+dense feed-forward it came from: one matmul over its experts' weights laid side by side (kept,
+like :mod:`compress.modules.weight_cache`, while the pieces' weights are unchanged), the
+activation, the routing mask on the hidden channels, and one matmul out.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from compress.metrics.timing import best_seconds
+from compress.modules import weight_cache
 
 _DECISIONS: dict[tuple, str] = {}
 
@@ -46,3 +55,110 @@ def choose(layer: Any, x: torch.Tensor, xt: torch.Tensor, samples: int) -> str:
             route.collect = collect
             route.clear()
     return _DECISIONS[key]
+
+
+# ----------------------------------------------------------------------------- the dense form
+
+
+def _pieces(layer: Any) -> list[nn.Module]:
+    return ([layer.shared] if layer.shared is not None else []) + list(layer.experts)
+
+
+def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: int,
+                  parts: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``mods``' weights (and biases) side by side in the order their outputs (dim 0) or inputs
+    (dim 1) take in the hidden tensor, each of ``parts`` halves [shared | experts] in turn; kept
+    on ``layer`` while the weights are unchanged. None when a piece is not a plain Linear, the
+    layer is large, or under torch.compile (which traces the per-expert form)."""
+    if (torch.compiler.is_compiling() or not weight_cache.ENABLED
+            or any(type(m) is not nn.Linear for m in mods)
+            or sum(m.weight.numel() for m in mods) > weight_cache.MAX_ELEMENTS):
+        return None
+    key = (dtype, *((m.weight.data_ptr(), m.weight._version) for m in mods))
+    hit = layer.__dict__.get("_side_by_side")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        if dim == 0:
+            w = torch.cat([c for p in range(parts) for m in mods
+                           for c in [m.weight.chunk(parts, 0)[p]]], 0)
+            b = None if mods[0].bias is None else torch.cat(
+                [c for p in range(parts) for m in mods for c in [m.bias.chunk(parts, 0)[p]]])
+        else:
+            w, b = torch.cat([m.weight for m in mods], 1), None
+        w = w.to(dtype).contiguous()
+        b = b.to(dtype) if b is not None else None
+    layer.__dict__["_side_by_side"] = (key, (w, b))
+    return w, b
+
+
+def _channel_mask(layer: Any, keep: torch.Tensor) -> torch.Tensor:
+    """[T, experts] 0/1 -> [T, hidden]: one for the shared channels, the expert's for its own."""
+    widths = torch.tensor(layer.widths, device=keep.device)
+    m = keep.repeat_interleave(widths, dim=1)
+    if layer.shared_width:
+        m = torch.cat([keep.new_ones(keep.shape[0], layer.shared_width), m], dim=1)
+    return m
+
+
+def forward_in(layer: Any, xt: torch.Tensor, samples: int, act) -> torch.Tensor:
+    """MoEIn's dense form on [T, D] tokens: every expert on every token, the ones a token did not
+    choose zeroed. [T, parts x hidden] laid out as the sparse form's hidden tensor, or with a
+    packed activation [T, hidden] ([shared | expert 0 | ...] after the activation)."""
+    route = layer.route
+    route.compute_dense(xt, samples)
+    keep = (route.mask != 0).to(xt.dtype)
+    parts = layer.parts
+    wb = _side_by_side(layer, _pieces(layer), xt.dtype, 0, parts)
+    if wb is not None:
+        y = F.linear(xt, *wb)
+        if layer.act is not None:
+            return act(y) * _channel_mask(layer, keep)  # a gated act joins the halves
+        return y * _channel_mask(layer, keep).repeat(1, parts)
+    if layer.act is not None:  # per piece: the activation (gated: per piece's halves), masked
+        out = []
+        for i, lin in enumerate(_pieces(layer)):
+            y = act(lin(xt))
+            e = i - (layer.shared is not None)
+            out.append(y if e < 0 else y * keep[:, e:e + 1])
+        return torch.cat(out, dim=-1)
+    halves: list[list[torch.Tensor]] = [[] for _ in range(parts)]
+    for i, lin in enumerate(_pieces(layer)):
+        y = lin(xt)
+        e = i - (layer.shared is not None)
+        if e >= 0:
+            y = y * keep[:, e:e + 1]
+        for p, piece in enumerate(y.chunk(parts, dim=-1)):
+            halves[p].append(piece)
+    return torch.cat([torch.cat(h, dim=-1) for h in halves], dim=-1)
+
+
+def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
+    """MoEOut's dense form on [T, columns] (hidden channels from column ``a``): each piece's
+    columns through its Linear, an expert's scaled by its gate (zero where not chosen)."""
+    route = layer.route
+    if not torch.is_grad_enabled():
+        # the gates' values are 1 where chosen and MoEIn zeroed the other channels: one matmul
+        mods = ([layer.rest] if layer.rest is not None else []) + _pieces(layer)
+        wb = _side_by_side(layer, mods, ht.dtype, 1, 1)
+        if wb is not None:
+            if not layer.packed:  # what ran between the pair (Sana's depthwise conv, a bias)
+                m = _channel_mask(layer, (route.mask != 0).to(ht.dtype))  # may fill channels
+                if a:
+                    m = torch.cat([m.new_ones(m.shape[0], a), m], dim=1)
+                ht = ht * m
+            b = layer.bias.to(ht.dtype) if layer.bias is not None else None
+            return F.linear(ht, wb[0], b)
+    y = layer.rest(ht[:, :a]) if layer.rest is not None else None
+    if layer.shared is not None:
+        z = layer.shared(ht[:, a:a + layer.shared_width])
+        y = z if y is None else y + z
+    a += layer.shared_width
+    for e, lin in enumerate(layer.experts):
+        w = layer.widths[e]
+        z = lin(ht[:, a:a + w]) * route.mask[:, e:e + 1]
+        y = z if y is None else y + z
+        a += w
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y
