@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                    "Q4_0 or F16 (default: each ptq layer's own bits)")
     p.add_argument("--float", dest="floats", default="f32", choices=["f32", "f16"],
                    help="type of the tensors that stay unquantised (default f32)")
+    p.add_argument("--layout", default="auto", choices=["auto", "original", "diffusers"],
+                   help="tensor names and shapes: the original checkpoint's (SD3, FLUX: what "
+                   "ComfyUI-GGUF and stable-diffusion.cpp read) or diffusers' own; auto: the "
+                   "original where diffusers' from_single_file converts it back, else diffusers'")
     p.add_argument("--force", action="store_true", help="replace an existing DEST")
     return ap
 
@@ -280,8 +284,10 @@ def _cmd_export_quanto(a) -> int:
 def _cmd_export_gguf(a) -> int:
     from compress.io.gguf_export import export_gguf
 
-    r = export_gguf(a.source, a.dest, qtype=a.qtype, floats=a.floats, force=a.force)
-    print(f"wrote {a.dest} ({r['bytes'] / 2**20:.2f} MB): {len(r['carried'])} layers with their "
+    r = export_gguf(a.source, a.dest, qtype=a.qtype, floats=a.floats, force=a.force,
+                    layout=a.layout)
+    print(f"wrote {a.dest} ({r['bytes'] / 2**20:.2f} MB, {r['layout']} layout): "
+          f"{len(r['carried'])} layers with their "
           f"codes carried over, {len(r['requantised'])} re-quantised, {len(r['float_layers'])} "
           "kept as floats (load with from_single_file + GGUFQuantizationConfig; see README)")
     return 0

@@ -1,10 +1,13 @@
 """GGUF export: a ptq output (or a plain model at one type) as one .gguf file that diffusers'
 ``from_single_file`` loads with ``GGUFQuantizationConfig``.
 
-Layout: the tensors keep diffusers' own key names and shapes, which ``from_single_file`` takes as
-they are (it converts a checkpoint only when its keys differ from the model's), for the classes
-diffusers can load from a single file (SD3, FLUX, Sana and others; not PixArt or DiT). The
-original checkpoints' layouts (what ComfyUI-GGUF and stable-diffusion.cpp read) are not written.
+Layout: for SD3 and FLUX the original checkpoint's tensor names and shapes (``joint_blocks.{i}``,
+``double_blocks.{i}``, fused ``qkv``; what ComfyUI-GGUF and stable-diffusion.cpp read, and what
+``from_single_file`` converts; :mod:`compress.io.gguf_layout`; FLUX only at FLUX.1's width
+unless asked for); for the other classes diffusers can load from a single
+file (FLUX, Sana and others; not PixArt or DiT) diffusers' own names and shapes, which
+``from_single_file`` takes as they are (it converts a checkpoint only when its keys differ from
+the model's). ``layout="diffusers"`` writes diffusers' layout for those too.
 
 Types per layer, from the run's own bits: 8-bit layers -> Q8_0, 4-bit -> Q4_0 (symmetric) or
 Q4_1 (asymmetric), fewer bits (VQ, int2/int3) -> Q4_0, 5/6-bit -> Q5_0 / Q5_1; the rest F32 (or
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.io import gguf_layout
 
 BLOCK = 32
 PLAIN_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16")
@@ -216,9 +220,10 @@ def _check_dest(dest: Path, force: bool) -> None:
 
 
 def export_gguf(source: str | Path, dest: str | Path, qtype: str | None = None,
-                floats: str = "f32", force: bool = False) -> dict:
+                floats: str = "f32", force: bool = False, layout: str = "auto") -> dict:
     """Write ``source`` (a ptq output, or with ``qtype`` a plain diffusers model folder or
-    output) as ``dest`` (.gguf). Returns what went where: carried / requantised / float layers.
+    output) as ``dest`` (.gguf). Returns what went where: carried / requantised / float layers,
+    and the ``layout`` written (``original`` or ``diffusers``; ``auto``: original where known).
 
     Raises UserError, before writing anything, for a class diffusers cannot load from a single
     file, a structural change the class's config does not express, or an output without ptq
@@ -230,18 +235,30 @@ def export_gguf(source: str | Path, dest: str | Path, qtype: str | None = None,
         raise UserError(f"--type {qtype}: choose one of {', '.join(PLAIN_TYPES)}")
     if floats not in ("f32", "f16"):
         raise UserError("--float: f32 or f16")
+    if layout not in ("auto", "original", "diffusers"):
+        raise UserError("--layout: auto, original or diffusers")
     tr, manifest = _load(Path(source), qtype is not None)
     cls = type(tr).__name__
+    if layout == "original" and gguf_layout.architecture(cls) is None:
+        raise UserError(f"export-gguf --layout original: not known for {cls} (known: "
+                        f"{', '.join(gguf_layout.LAYOUTS)}); use --layout diffusers")
+    if layout == "auto":
+        layout = "original" if gguf_layout.converts_back(cls, dict(tr.config)) else "diffusers"
     if cls not in single_file_classes():
         raise UserError(f"export-gguf: diffusers cannot load a {cls} from a single file, so a "
                         f"GGUF of it would not load; supported: SD3, FLUX, Sana and "
                         f"{len(single_file_classes()) - 3} other classes")
     _check_stock_shapes(tr)
-    report = {"carried": [], "requantised": [], "float_layers": []}
-    writer = gguf.GGUFWriter(None, arch="dit_compress")
+    report = {"carried": [], "requantised": [], "float_layers": [], "layout": layout}
+    arch = gguf_layout.architecture(cls) if layout == "original" else "dit_compress"
+    writer = gguf.GGUFWriter(None, arch=arch)
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         tensors = list(_layer_tensors(gguf, tr, qtype, floats, report))
+        if layout == "original":
+            tensors, stacked = gguf_layout.to_original(cls, tensors, gguf)
+            report["requantised"] += [n.rpartition(".")[0] for n in stacked
+                                      if n.rpartition(".")[0] not in report["requantised"]]
         for name, arr, t in tensors:
             kind = getattr(gguf.GGMLQuantizationType, t)
             if t in ("F32", "F16"):
@@ -249,6 +266,7 @@ def export_gguf(source: str | Path, dest: str | Path, qtype: str | None = None,
             else:
                 writer.add_tensor(name, arr, raw_dtype=kind)
         writer.add_string("dit_compress.class", cls)
+        writer.add_string("dit_compress.layout", layout)
         writer.add_string("dit_compress.config", json.dumps(dict(tr.config)))
         writer.add_string("dit_compress.requantised", json.dumps(report["requantised"]))
         if manifest is not None:
