@@ -216,7 +216,7 @@ class Route:
         probs = logits.softmax(-1)
         top = logits.topk(self.top_k, dim=-1).indices
         chosen = probs.gather(1, top)
-        gate = (1.0 + chosen - chosen.detach()).to(xt.dtype).reshape(-1)  # value exactly 1
+        gate = (1.0 + chosen - chosen.detach()).to(xt.dtype).reshape(-1)  # value 1 (to an ulp)
         flat = top.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.experts)
@@ -398,7 +398,9 @@ class MoEOut(nn.Module):
         for e, lin in enumerate(self.experts):
             w, tok = self.widths[e], route.tok[e]
             if tok.numel():
-                z = lin(ht[:, a:a + w].index_select(0, tok)) * route.gate[e][:, None]
+                z = lin(ht[:, a:a + w].index_select(0, tok))
+                if torch.is_grad_enabled():  # the gate's value is one: only its gradient counts
+                    z = z * route.gate[e][:, None]
                 y.index_add_(0, tok, z.to(y.dtype))
             a += w
         route.clear()
@@ -426,7 +428,9 @@ class MoEOut(nn.Module):
             w, tok = self.widths[e], route.tok[e]
             if tok.numel():
                 z = lin(flat[a:a + tok.numel() * w].view(tok.numel(), w))
-                y.index_add_(0, tok, (z * route.gate[e][:, None]).to(y.dtype))
+                if torch.is_grad_enabled():  # the gate's value is one: only its gradient counts
+                    z = z * route.gate[e][:, None]
+                y.index_add_(0, tok, z.to(y.dtype))
                 a += tok.numel() * w
         lead = route.lead
         route.clear()
