@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -167,9 +168,18 @@ def quantize_per_token(
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 
 
+_GELU_TANH_2K = 2.0 * math.sqrt(2.0 / math.pi)
+
+
 def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "none":
         return y
+    if activation == "gelu_tanh" and torch.compiler.is_compiling():
+        # GELU's tanh form, written with 0.5 (1 + tanh(u)) = sigmoid(2u): the same function
+        # (to float rounding), and inductor's vectorised tanh after an int32 rescale ran ~2x
+        # slower than its sigmoid (AMD EPYC, 2 threads, a W8A8 feed-forward's first layer at
+        # PixArt-XL shapes: 5.3 -> 4.6 ms)
+        return y * torch.sigmoid(_GELU_TANH_2K * (y + 0.044715 * y * y * y))
     if activation in ("gelu", "gelu_tanh"):
         return torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
