@@ -453,11 +453,14 @@ def main(argv: list[str] | None = None) -> int:
         "other jobs; with more threads it counts OpenMP spin-waits too)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--pair-with", default="bf16", metavar="VARIANT",
+                    help="the variant every row alternates with and is divided by (default "
+                    "bf16; e.g. ours-w8a8-dynamic to time what a LoRA adds to it)")
     global ARGS
     ARGS = args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in [*names, args.pair_with] if n not in VARIANTS]
     if unknown:
         print(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
@@ -474,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     with _quiet():
         master = build_model(blocks)
         bf16 = _bf16(master)
+        partner = bf16 if args.pair_with == "bf16" else VARIANTS[args.pair_with][0](master, bf16)
+    pw = args.pair_with
     rows: list[dict[str, Any]] = []
     fp32_ms: float | None = None
     for name in names:
@@ -487,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with _quiet():
             inputs = make_inputs(torch.float32 if name == "fp32" else torch.bfloat16)
-            paired = name != "bf16"
-            ours, ref = time_variant(model, bf16 if paired else None, inputs, runs, args.warmup)
+            paired = name != pw
+            ours, ref = time_variant(model, partner if paired else None, inputs, runs, args.warmup)
         ms = statistics.median(ours)
         bf_ms = statistics.median(ref) if ref else ms
         # Median of per-pair ratios: each pair ran back to back, so slow drifts in machine load
@@ -502,17 +507,17 @@ def main(argv: list[str] | None = None) -> int:
             "runs_ms": [round(v, 1) for v in ours], "setup_s": time.perf_counter() - t0,
             "weights_mb": weight_mb(model),
         })
-        print(f"  {name:26s} {ms:9.1f} ms  (bf16 alongside {bf_ms:8.1f} ms, "
+        print(f"  {name:26s} {ms:9.1f} ms  ({pw} alongside {bf_ms:8.1f} ms, "
               f"paired ratio {vs_bf16:.2f}) weights {rows[-1]['weights_mb']:.0f} MB "
               f"setup {rows[-1]['setup_s']:.0f}s", flush=True)
-        if model is not master and model is not bf16:
+        if model is not master and model is not bf16 and model is not partner:
             del model
         torch._dynamo.reset()
         torch._inductor.config.freezing = False
         gc.collect()
 
     print()
-    print("| variant | ms/step | vs fp32 | vs bf16 (paired) | weights MB | issue's figure |")
+    print(f"| variant | ms/step | vs fp32 | vs {pw} (paired) | weights MB | issue's figure |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         vf = f"{r['vs_fp32']:.2f}x" if r["vs_fp32"] else "-"
@@ -521,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['weights_mb']:.0f} | "
               f"{issue if issue and blocks == 28 else '-'} |")
     if args.json:
-        args.json.write_text(json.dumps({"blocks": blocks, "threads": args.threads,
+        args.json.write_text(json.dumps({"blocks": blocks, "threads": args.threads, "paired_with": pw,
                                          "load": load, "rows": rows}, indent=2))
     return 0
 
