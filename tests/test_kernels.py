@@ -327,8 +327,8 @@ def test_w8a8_int_mm_path_survives_inductor_freezing(monkeypatch: pytest.MonkeyP
     q.activation = "gelu"
     x = _x(64, 256)
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config, "freezing", True)
-    with torch.no_grad():
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry
+    with torch.no_grad(), inductor_config.patch(freezing=True):
         eager = q(x)
         y, code = run_and_get_code(torch.compile(q), x)
     torch._dynamo.reset()
