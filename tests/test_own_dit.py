@@ -190,10 +190,23 @@ def test_every_shipped_recipe_runs_on_own_module_and_reloads(recipe, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+def _short(name: str) -> dict:
+    """A shipped recipe with its distillation cut to a few steps (what these tests check does
+    not depend on training length)."""
+    import yaml
+
+    r = yaml.safe_load((RECIPES[0].parent / name).read_text())
+    for p in r["passes"]:
+        if "distill" in p:
+            p["distill"].update(steps=4, warmup=1)
+    return r
+
+
 def test_module_is_left_unchanged_by_default(tmp_path):
     m = _tiny_shapedit()
     first = m.core.cells[0].lin_a
-    compress.run_recipe(RECIPES[-1], model=m, calibrate_fn=_calibrate, out=tmp_path / "o")
+    compress.run_recipe(_short("width-30-kd.yaml"), model=m, calibrate_fn=_calibrate,
+                        out=tmp_path / "o")
     assert m.core.cells[0].lin_a is first and type(first) is nn.Linear
 
 
@@ -212,7 +225,7 @@ def test_unmeasurable_gate_is_refused_before_any_work(tmp_path):
 
 
 def test_load_errors_name_what_to_do(tmp_path):
-    compress.run_recipe(RECIPES[-1], model=_tiny_shapedit(), calibrate_fn=_calibrate,
+    compress.run_recipe(_short("width-30-kd.yaml"), model=_tiny_shapedit(), calibrate_fn=_calibrate,
                         out=tmp_path / "o")
     with pytest.raises(UserError, match="load_module"):
         compress.load_transformer(tmp_path / "o")
