@@ -10,7 +10,8 @@ rows of the expert's channels, ``A`` whole), the last layer's likewise (``A``'s 
 expert's channels, ``B`` whole), so each expert runs its part of the branch on its own tokens and
 the pair with every expert chosen computes the original layer's branch exactly.
 Keys whose layer has no side branch (a quantised convolution, a depthwise convolution whose
-channels to_moe reordered) or whose shapes still do not match are dropped. Every dropped key is named in the returned notes.
+channels to_moe reordered) or whose shapes still do not match are dropped. Every dropped key is
+named in the returned notes.
 """
 
 from __future__ import annotations
