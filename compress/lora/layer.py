@@ -181,7 +181,9 @@ def install() -> bool:
             raise ValueError(  # noqa: TRY004 - the error PEFT raises for a layer it cannot wrap
                 f"{type(base).__name__}: dit-compress has no LoRA side branch for this layer "
                 "(quantised convolutions, mixture-of-experts halves); leave it out of the "
-                "adapter's target modules, or load it with compress.load_lora, which skips it")
+                "adapter's target modules, or load the file with compress.load_lora (or the "
+                "pipeline's load_lora_weights), which puts a feed-forward's adapter on its "
+                "experts and skips quantised convolutions")
         return original(lora_config, adapter_name, target, **kwargs)
 
     _create_new_module.__wrapped__ = original
