@@ -184,3 +184,20 @@ def test_flux_original_layout_is_what_diffusers_converter_reads(tiny_pipeline_di
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k].reshape(want[k].shape), want[k]), k
+
+
+def test_a_tensor_the_original_layout_lacks_is_refused_without_a_file(tiny_pipeline_dir, tmp_path,
+                                                                      monkeypatch):
+    from compress.io import gguf_layout
+    from compress.io.gguf_export import export_gguf
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    compress.run_recipe({"name": "g", **TINY, "passes": [{"ptq": {"weights": {"bits": 8}}}]},
+                        str(tiny_pipeline_dir("sd3")), tmp_path / "o")
+    arch, rules = gguf_layout.LAYOUTS["SD3Transformer2DModel"]
+    monkeypatch.setitem(gguf_layout.LAYOUTS, "SD3Transformer2DModel",
+                        (arch, [r for r in rules if not r[0].startswith("proj_out")]))
+    with pytest.raises(UserError, match=r"proj_out\.weight has no place.*--layout diffusers"):
+        export_gguf(tmp_path / "o", tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("m.gguf*"))
+    assert export_gguf(tmp_path / "o", tmp_path / "m.gguf", layout="diffusers")["bytes"] > 0

@@ -256,7 +256,12 @@ def export_gguf(source: str | Path, dest: str | Path, qtype: str | None = None,
     try:
         tensors = list(_layer_tensors(gguf, tr, qtype, floats, report))
         if layout == "original":
-            tensors, stacked = gguf_layout.to_original(cls, tensors, gguf)
+            try:
+                tensors, stacked = gguf_layout.to_original(cls, tensors, gguf)
+            except KeyError as e:
+                raise UserError(f"export-gguf: {cls} tensor {e.args[0]} has no place in the "
+                                "original checkpoint layout this tool knows; write it with "
+                                "--layout diffusers") from None
             report["requantised"] += [n.rpartition(".")[0] for n in stacked
                                       if n.rpartition(".")[0] not in report["requantised"]]
         for name, arr, t in tensors:
