@@ -17,9 +17,12 @@ from compress.quant import qtensor
 
 
 def _set(dst: nn.Module, **tensors: torch.Tensor) -> None:
+    from compress.modules import weight_cache
+
     with torch.no_grad():
         for name, t in tensors.items():
             getattr(dst, name).copy_(t)
+    weight_cache.forget(dst)  # under inference_mode the copies bump no version counter
 
 
 def _qlinear(m, w: torch.Tensor) -> None:

@@ -74,7 +74,7 @@ def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: in
             or any(type(m) is not nn.Linear for m in mods)
             or sum(m.weight.numel() for m in mods) > weight_cache.MAX_ELEMENTS):
         return None
-    key = (dtype, *((m.weight.data_ptr(), m.weight._version) for m in mods))
+    key = (dtype, *((m.weight.data_ptr(), weight_cache.version(m.weight)) for m in mods))
     hit = layer.__dict__.get("_side_by_side")
     if hit is not None and hit[0] == key:
         return hit[1]

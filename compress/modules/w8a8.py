@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compress.modules import w8a8_dense
+from compress.modules import w8a8_dense, weight_cache
 from compress.quant import kernels
 
 ACT_MODES = ("dynamic", "static")
@@ -138,6 +138,8 @@ _input_cache = threading.local()
 
 
 def _cached(x: torch.Tensor, key: tuple) -> Any:
+    if x.is_inference():  # no version counter: an in-place change could not be seen
+        return None
     hit = getattr(_input_cache, "entry", None)
     if hit is not None and hit[0] is x and hit[1] == x._version and _same_key(hit[2], key):
         return hit[3]
@@ -160,7 +162,8 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 
 def _store(x: torch.Tensor, key: tuple, value: Any) -> None:
-    _input_cache.entry = (x, x._version, key, value)
+    if not x.is_inference():
+        _input_cache.entry = (x, x._version, key, value)
 
 
 def clear_input_cache() -> None:
@@ -292,7 +295,7 @@ class W8A8Linear(nn.Module):
 
     def _state_key(self) -> tuple:
         return tuple(
-            (t.data_ptr(), t._version, t.device) if t is not None else None
+            (t.data_ptr(), weight_cache.version(t), t.device) if t is not None else None
             for t in (self.weight, self.weight_scale, self.bias, self.act_scale, self.smooth)
         )
 

@@ -18,6 +18,23 @@ import torch
 
 MAX_ELEMENTS = 1 << 19  # 512K weights (2 MB in fp32): the demo's layers, not a 1152-wide one
 
+# what each layer derives from its stored tensors and keeps (see :func:`forget`)
+DERIVED = ("_weight_cache", "_side_by_side", "_derived", "_derived_key", "_dense_w")
+
+
+def version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter, for keys of what is derived from it. Tensors made under
+    ``torch.inference_mode()`` (a model loaded inside it) have none: 0, and whatever changes
+    their contents in place in this package calls :func:`forget` on the layer."""
+    return 0 if t.is_inference() else t._version
+
+
+def forget(layer: torch.nn.Module) -> None:
+    """Drop what ``layer`` derived from its stored tensors (after they changed in place)."""
+    for name in DERIVED:
+        if name in layer.__dict__:
+            layer.__dict__[name] = None
+
 
 ENABLED = os.environ.get("DIT_COMPRESS_WEIGHT_CACHE", "1").strip().lower() not in (
     "0", "false", "off", "no")
@@ -30,7 +47,7 @@ def weight(layer: torch.nn.Module, dtype: torch.dtype,
     if (not ENABLED or layer.in_features * layer.out_features > MAX_ELEMENTS
             or torch.compiler.is_compiling()):
         return build(dtype)
-    key = (dtype, *((t.data_ptr(), t._version) for t in layer._buffers.values() if t is not None))
+    key = (dtype, *((t.data_ptr(), version(t)) for t in layer._buffers.values() if t is not None))
     hit = layer.__dict__.get("_weight_cache")
     if hit is not None and hit[0] == key:
         return hit[1]
