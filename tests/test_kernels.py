@@ -150,6 +150,54 @@ def test_shared_input_quantised_once_and_invalidated_in_place() -> None:
         assert torch.equal(qa(x), qa(x.clone()))
 
 
+def test_w8a8_under_inference_mode() -> None:
+    """Tensors made under torch.inference_mode() have no version counter: the layer runs
+    (no shared-input cache for them), gives no_grad's output, and a LoRA fold into layers built
+    under inference_mode is seen by their next call."""
+    from compress.lora.fold import fold_
+
+    lin = _linear()
+    x = _x(6, 256)
+    ref = W8A8Linear.from_linear(lin, act="dynamic")
+    with torch.no_grad():
+        expected = ref(x)
+    with torch.inference_mode():
+        q = W8A8Linear.from_linear(lin, act="dynamic")  # inference tensors for buffers too
+        xi = x.clone()
+        assert torch.equal(q(xi), expected)
+        xi.mul_(0.5)  # in place, no version bump: the cache must not hand back old codes
+        assert torch.equal(q(xi), ref(x * 0.5))
+        delta = torch.randn(192, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+        fold_(q, delta)
+        folded = q(x.clone())
+    want = (x @ (lin.weight + delta).t() + lin.bias).detach()
+    assert not torch.equal(folded, expected)
+    assert sqnr_db(want, folded) > 30
+
+
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_rescale_split_store_agrees_with_one_pass(act: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused rescale's two forms (one loop to bf16; fp32 store then a cast) compute the
+    same function: equal up to one bf16 rounding of the result."""
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randint(-3000, 3000, (16, 64), dtype=torch.int32, generator=g)
+    rows, cols = torch.rand(16, 1, generator=g) * 1e-3, torch.rand(64, generator=g)
+    bias = torch.randn(64, generator=g)
+    out = {}
+    for form in ("split", "fused"):
+        monkeypatch.setenv("DIT_COMPRESS_RESCALE_STORE", form)
+        kernels.split_store.cache_clear()
+        kernels.set_fusion(True)
+        out[form] = kernels.rescale_rows(acc, rows, bias, torch.bfloat16, act, cols)
+    kernels.split_store.cache_clear()
+    exact = kernels.apply_activation(acc.float() * rows * cols + bias, act)
+    for y in out.values():
+        assert y.dtype == torch.bfloat16
+        assert ((y.float() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+    assert ((out["split"].float() - out["fused"].float()).abs()
+            <= exact.abs() * 2 ** -7 + 1e-6).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # timestep groups
 
