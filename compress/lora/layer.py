@@ -74,7 +74,7 @@ def _make_class():
             act = getattr(base, "activation", "none")
             plain = not (args or kwargs or self.disable_adapters or self.merged
                          or any(a in self.lora_variant for a in self.active_adapters))
-            if plain and isinstance(base, W8A8Linear):
+            if plain and isinstance(base, W8A8Linear) and act != "none":
                 # the branch joins in the layer's rescale pass, before its activation
                 return base(x, addend=self._side_branch(x, None))
             if plain:
@@ -87,8 +87,10 @@ def _make_class():
 
         def _side_branch(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
             # y + scaling * (x A^T) B^T, the second product accumulated into y by one addmm
-            # (no separate scale and add passes over the layer's output). y None: the branch
-            # alone ([M, out] in x's dtype; None when no adapter is active).
+            # (no separate scale and add passes over the layer's output; in place without
+            # autograd, y being the base layer's fresh output). y None: the branch alone
+            # ([M, out] in x's dtype; None when no adapter is active).
+            in_place = y is not None and not torch.is_grad_enabled()
             shape = (*x.shape[:-1], self.out_features) if y is None else y.shape
             dtype = x.dtype if y is None else y.dtype
             y2 = None if y is None else y.reshape(-1, shape[-1])
@@ -100,7 +102,12 @@ def _make_class():
                 h = a(self.lora_dropout[name](x2.to(a.weight.dtype))).to(dtype)
                 s = self.scaling[name]
                 bt = b.weight.t().to(dtype)
-                y2 = torch.mm(h * s, bt) if y2 is None else torch.addmm(y2, h, bt, alpha=s)
+                if y2 is None:
+                    y2 = torch.mm(h * s, bt)
+                elif in_place:
+                    y2.addmm_(h, bt, alpha=s)
+                else:
+                    y2 = torch.addmm(y2, h, bt, alpha=s)
                 if b.bias is not None:
                     y2 = y2 + s * b.bias.to(dtype)
             return y2 if y2 is None else y2.view(shape)
