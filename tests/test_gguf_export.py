@@ -1,6 +1,6 @@
 """export-gguf: a ptq output of SD3, FLUX and Sana written as GGUF loads with stock diffusers'
 from_single_file + GGUFQuantizationConfig and gives our images; int8 per-channel and
-symmetric int4 codes carry over bit for bit; a plain model exports at one type; classes diffusers
+symmetric int4 and int5 codes carry over bit for bit; a plain model exports at one type; classes diffusers
 cannot load from one file, and non-ptq outputs without --type, are refused before writing."""
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _load_gguf(cls, path, out):
 
 @pytest.mark.parametrize(("family", "weights"), [
     ("sd3", {"bits": 8}), ("flux", {"bits": 4, "group_size": 32}), ("sana", {"bits": 8}),
-    ("flux", {"bits": 4, "group_size": 32, "symmetric": False})])
+    ("flux", {"bits": 4, "group_size": 32, "symmetric": False}),
+    ("sana", {"bits": 5, "group_size": 32})])
 def test_exported_gguf_loads_in_diffusers_with_our_images(family, weights, tiny_pipeline_dir,
                                                           tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
@@ -52,6 +53,7 @@ def test_exported_gguf_loads_in_diffusers_with_our_images(family, weights, tiny_
             w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
             want = ours.get_submodule(layer).dequantized_weight(torch.float32).reshape(-1)
             if weights.get("symmetric", True):
+                assert t.tensor_type.name == {8: "Q8_0", 5: "Q5_0", 4: "Q4_0"}[weights["bits"]]
                 assert np.array_equal(w, want.numpy())
             else:  # Q4_1: the same codes and scales; its minimum (-zero x scale) is fp16
                 assert t.tensor_type.name == "Q4_1"

@@ -119,27 +119,30 @@ def _carried_q4_1(m: nn.Module, w: torch.Tensor) -> np.ndarray | None:
 
 
 def _carried(m: nn.Module, w: torch.Tensor, qtype: str) -> np.ndarray | None:
-    """Q8_0 / Q4_0 / Q4_1 blocks holding the layer's codes and fp16 scales, or None when its
+    """Q8_0 / Q5_0 / Q4_0 / Q4_1 blocks holding the layer's codes and fp16 scales, or None when its
     grid is not GGUF's (groups not a multiple of 32, scales not fp16, ...)."""
     if qtype == "Q4_1":
         return _carried_q4_1(m, w)
-    grid = _per_column(m, w, asymmetric=False) if qtype in ("Q8_0", "Q4_0") else None
+    half = {"Q8_0": 128, "Q5_0": 16, "Q4_0": 8}.get(qtype)  # codes in [-half, half - 1]
+    grid = _per_column(m, w, asymmetric=False) if half is not None else None
     if grid is None:
         return None
     d, _ = grid
     q = torch.round(w / d)
-    if not torch.equal(q * d, w):
-        return None
-    qmax = 127 if qtype == "Q8_0" else 7
-    if q.abs().max() > qmax + 1 or q.min() < -qmax - 1:
+    if not torch.equal(q * d, w) or q.max() > half - 1 or q.min() < -half:
         return None
     out_f, nb = w.shape[0], w.shape[1] // BLOCK
     head = d[:, ::BLOCK].half().contiguous().numpy().view(np.uint8).reshape(out_f, nb, 2)
     qi = q.to(torch.int16).numpy().reshape(out_f, nb, BLOCK)
     if qtype == "Q8_0":
         body = qi.astype(np.int8).view(np.uint8)
-    else:
+    elif qtype == "Q4_0":
         body = _nibbles((qi + 8).astype(np.uint8))
+    else:  # Q5_0: d, then the 32 fifth bits as one little-endian uint32, then the low nibbles
+        u = (qi + 16).astype(np.uint32)
+        high = (((u >> 4) & 1) << np.arange(BLOCK, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+        body = np.concatenate([high.astype("<u4").view(np.uint8).reshape(out_f, nb, 4),
+                               _nibbles((u & 0x0F).astype(np.uint8))], axis=2)
     return np.concatenate([head, body], axis=2).reshape(out_f, -1)
 
 

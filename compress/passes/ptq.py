@@ -36,7 +36,7 @@ def _whole(v):
     return v
 
 
-Bits = Annotated[Literal[2, 3, 4, 6, 8], BeforeValidator(_whole)]
+Bits = Annotated[Literal[2, 3, 4, 5, 6, 8], BeforeValidator(_whole)]
 Format = Literal["int", "fp8_e4m3"]
 # Roles that stay weight-only (float activations) even when activations are quantised, and that
 # mixed precision may keep in 16 bits: embedders, adaLN modulation, the final projection.
