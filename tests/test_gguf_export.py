@@ -5,9 +5,12 @@ cannot load from one file, and non-ptq outputs without --type, are refused befor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import compress
 from compress.errors import UserError
@@ -203,3 +206,34 @@ def test_a_tensor_the_original_layout_lacks_is_refused_without_a_file(tiny_pipel
         export_gguf(tmp_path / "o", tmp_path / "m.gguf")
     assert not list(tmp_path.glob("m.gguf*"))
     assert export_gguf(tmp_path / "o", tmp_path / "m.gguf", layout="diffusers")["bytes"] > 0
+
+
+def test_mixed_precision_at_the_size_of_q4_0_exports_no_larger_than_q4_0(tiny_pipeline_dir,
+                                                                         tmp_path, monkeypatch):
+    """gguf-q4-mp's budget is the original's Q4_0 file: our per-layer file (codes carried as
+    Q4_0/Q5_0/Q8_0, layers GGUF cannot block counted as the F32 they are written as) holds no
+    more tensor bytes than `export-gguf MODEL --type Q4_0`, and spends most of that budget."""
+    from compress.io.gguf_export import export_gguf
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = str(tiny_pipeline_dir("sana"))
+    recipe = yaml.safe_load(Path("recipes/gguf-q4-mp.yaml").read_text())
+    recipe.update(TINY)
+    recipe["passes"][0]["ptq"]["mixed_precision"]["image_steps"] = 2
+    rep = compress.run_recipe(recipe, src, tmp_path / "o")
+    mp = rep["passes"][0]["mixed_precision"]
+    assert mp["budget_size_of"] == "Q4_0" and mp["budget_met"]
+    assert any(row["bits"] > 4 for row in mp["table"])
+    export_gguf(tmp_path / "o", tmp_path / "ours.gguf")
+    export_gguf(src, tmp_path / "q4.gguf", qtype="Q4_0")
+
+    def tensor_bytes(path):
+        return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+    ours, plain = tensor_bytes(tmp_path / "ours.gguf"), tensor_bytes(tmp_path / "q4.gguf")
+    assert ours <= plain
+    # the budget is spent, not left over: well above the cheapest allocation's bytes
+    assert mp["avg_bits"] > mp["cheapest_avg_bits"] + 4
+    assert ours >= 0.85 * plain
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "ours.gguf")).tensors}
+    assert types & {"Q5_0", "Q8_0"} and types <= {"Q4_0", "Q5_0", "Q8_0", "F32"}

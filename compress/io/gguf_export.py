@@ -33,6 +33,8 @@ from compress.io import gguf_layout
 
 BLOCK = 32
 PLAIN_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16")
+# stored bits a weight of each block type (codes, fp16 scale and, for _1 types, fp16 minimum)
+TYPE_BITS = {"Q8_0": 8.5, "Q5_1": 6.0, "Q5_0": 5.5, "Q4_1": 5.0, "Q4_0": 4.5}
 
 
 def _gguf():
@@ -193,16 +195,7 @@ def _layer_tensors(gguf, tr: nn.Module, plain: str | None, floats: str, report: 
         if isinstance(b, torch.Tensor):
             yield f"{name}.bias", *_float(b, "f32")
             done.add(f"{name}.bias")
-    quantise = set()
-    if plain is not None and plain != "F16":
-        from compress.models import adapter_for
-
-        ad = adapter_for(tr, allow_generic=True)
-        blocks = [n for n, _ in ad.blocks(tr)]
-        for n, mod in tr.named_modules():
-            if isinstance(mod, nn.Linear) and any(n.startswith(b + ".") for b in blocks) and \
-                    mod.in_features % BLOCK == 0:
-                quantise.add(f"{n}.weight")
+    quantise = plain_quantised(tr) if plain is not None and plain != "F16" else set()
     for key, t in tr.state_dict().items():
         if key in done or any(key.startswith(q + ".") for q in qmods):
             continue
@@ -211,6 +204,25 @@ def _layer_tensors(gguf, tr: nn.Module, plain: str | None, floats: str, report: 
             yield key, _quantised(gguf, t.detach().cpu(), plain), plain
         else:
             yield key, *_float(t, "f16" if plain == "F16" else floats)
+
+
+def plain_quantised(tr: nn.Module) -> set[str]:
+    """State-dict keys ``--type`` quantises in a plain model: the weights of the blocks' Linears
+    whose input width is a multiple of 32 (every other tensor stays float)."""
+    from compress.models import adapter_for
+
+    ad = adapter_for(tr, allow_generic=True)
+    blocks = [n for n, _ in ad.blocks(tr)]
+    return {f"{n}.weight" for n, mod in tr.named_modules()
+            if isinstance(mod, nn.Linear) and any(n.startswith(b + ".") for b in blocks)
+            and mod.in_features % BLOCK == 0}
+
+
+def plain_file_bytes(tr: nn.Module, qtype: str) -> float:
+    """Tensor bytes of ``tr`` written by ``export-gguf --type qtype`` (other tensors F32)."""
+    quantise = plain_quantised(tr)
+    return sum(t.numel() * (TYPE_BITS[qtype] / 8 if k in quantise else 4)
+               for k, t in tr.state_dict().items())
 
 
 def _check_dest(dest: Path, force: bool) -> None:

@@ -137,8 +137,13 @@ class MixedSpec(Strict):
     """Mixed precision: choose bits per layer under a budget."""
 
     candidates: list[Bits] = Field(default_factory=lambda: [4, 8], min_length=1)
-    avg_bits: float = Field(4.5, gt=1, le=16,
-                            description="budget: stored bits a weight, over the layers")
+    avg_bits: float | None = Field(None, gt=1, le=16, description="budget: stored bits a "
+                                   "weight, over the layers (4.5 when neither it nor size_of is "
+                                   "given)")
+    size_of: Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"] | None = Field(
+        None, description="budget instead of avg_bits: the GGUF file of the model this pass "
+        "receives written at this one type (export-gguf --type), tensor bytes; layers that "
+        "GGUF keeps float (input width not a multiple of 32) count as float")
     metrics: list[Literal["output", "image"]] = Field(default_factory=lambda: ["output", "image"],
                                                       min_length=1)
     keep_high: list[str] = Field(default_factory=list, description="selectors forced to max bits")
@@ -159,7 +164,11 @@ class MixedSpec(Strict):
         unique(self.candidates, "candidates")
         unique(self.metrics, "metrics")
         check_selectors(self.keep_high, "keep_high")
-        if self.avg_bits < min(self.candidates):
+        if self.size_of is not None and self.avg_bits is not None:
+            raise ValueError("give the budget as avg_bits or as size_of, not both")
+        if self.size_of is None and self.avg_bits is None:
+            self.avg_bits = 4.5
+        if self.size_of is None and self.avg_bits < min(self.candidates):
             raise ValueError(f"avg_bits {self.avg_bits} is below the smallest candidate "
                              f"({min(self.candidates)} bits): no allocation can meet it")
         return self
@@ -592,7 +601,13 @@ def check(handle, cfg: Config) -> None:
         raise UserError(f"ptq: no Linear/Conv2d layer matches include={cfg.include} "
                         f"exclude={cfg.exclude}")
     if mp is not None:  # the budget depends on layer shapes and candidates only
-        from compress.passes.ptq_mixed import candidates_of, cheapest_avg_bits, refuse_unreachable
+        from compress.passes.ptq_mixed import (
+            budget_bits,
+            candidates_of,
+            cheapest_avg_bits,
+            ragged,
+            refuse_unreachable,
+        )
         from compress.targets import matches
 
         specs = {n: layer_spec(cfg, n, r) for n, _, r in chosen}
@@ -600,7 +615,10 @@ def check(handle, cfg: Config) -> None:
         roles = {n: r for n, _, r in chosen}
         keep = [n for n in mods if any(matches(s, n, roles[n]) for s in mp.keep_high)]
         cands = candidates_of(mp, mods, _auxiliary(handle, chosen))
-        refuse_unreachable(mp, cheapest_avg_bits(mods, specs, cands, keep))
+        budget, _ = budget_bits(mp, handle.transformer, mods)
+        floats = ragged(mods) if mp.size_of else set()
+        refuse_unreachable(mp, cheapest_avg_bits(mods, specs, cands, keep, floats,
+                                             mp.size_of is not None), budget)
 
 
 register_pass(PassDef(name="ptq", config=Config, apply=apply, restore=restore, kind="format",

@@ -66,29 +66,62 @@ def candidates_of(mp, names, aux: set[str]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(sorted(set(mp.candidates) | ({16} if n in aux else set()))) for n in names}
 
 
-def cheapest_avg_bits(mods: dict, specs: dict, cands: dict[str, tuple[int, ...]],
-                      keep: list[str]) -> float:
-    """Stored bits a weight of the cheapest allocation: per-row (or per-group) fp16 scales
-    cost 16/in bits a weight, so on narrow layers (a small model, a 4-channel embedder) even
-    all-lowest can exceed a budget; keep_high layers count at their highest option."""
+def stored_bits(bits: int, fan_in: int, spec, ragged_layer: bool, gguf: bool) -> float:
+    """Stored bits a weight of one layer at ``bits``: codes plus scales, or (``gguf``: counted
+    as a GGUF file holds it) 32 for a layer kept float or one the file cannot block."""
     from compress.quant import mixed
 
+    if gguf and (ragged_layer or bits >= mixed.FLOAT_BITS):
+        return 32.0
+    return mixed.bits_per_weight(bits, fan_in, spec.group(), spec.symmetric)
+
+
+def cheapest_avg_bits(mods: dict, specs: dict, cands: dict[str, tuple[int, ...]],
+                      keep: list[str], floats: set[str] | frozenset = frozenset(),
+                      gguf: bool = False) -> float:
+    """Stored bits a weight of the cheapest allocation: per-row (or per-group) fp16 scales
+    cost 16/in bits a weight, so on narrow layers (a small model, a 4-channel embedder) even
+    all-lowest can exceed a budget; keep_high layers count at their highest option. ``gguf``:
+    as a GGUF file stores them (float layers and ``floats``, which it cannot block, at F32)."""
     total = cost = 0.0
     for n, m in mods.items():
         w = m.weight
         fan_in, numel = w[0].numel(), w.numel()
         bits = [max(cands[n])] if n in keep else cands[n]
-        cost += numel * min(mixed.bits_per_weight(b, fan_in, specs[n].group(), specs[n].symmetric)
+        cost += numel * min(stored_bits(b, fan_in, specs[n], n in floats, gguf)
                             for b in bits)
         total += numel
     return cost / max(total, 1)
 
 
-def refuse_unreachable(mp, cheapest: float) -> None:
-    if cheapest > mp.avg_bits and mp.if_unreachable == "refuse":
-        raise UserError(f"ptq.mixed_precision: avg_bits {mp.avg_bits} is below this model's "
+def ragged(mods: dict) -> set[str]:
+    """Layers a GGUF file keeps float: convolutions, and rows not a whole number of its blocks
+    of 32 inputs."""
+    return {n for n, m in mods.items() if m.weight.dim() != 2 or m.weight.shape[1] % 32}
+
+
+def budget_bits(mp, tr, mods: dict) -> tuple[float, float | None]:
+    """(the budget in stored bits a weight over ``mods``, its file bytes or None). With
+    ``size_of``: the bytes of ``tr`` written at that GGUF type (export-gguf --type), less what
+    our file holds beside ``mods``' weights (every other tensor, F32 as the exporter writes it)."""
+    if mp.size_of is None:
+        return mp.avg_bits, None
+    from compress.io.gguf_export import plain_file_bytes
+
+    target = plain_file_bytes(tr, mp.size_of)
+    ours = {f"{n}.weight" for n in mods}
+    rest = sum(t.numel() * 4 for k, t in tr.state_dict().items() if k not in ours)
+    weights = sum(m.weight.numel() for m in mods.values())
+    return (target - rest) * 8 / max(weights, 1), target
+
+
+def refuse_unreachable(mp, cheapest: float, budget: float) -> None:
+    if cheapest > budget and mp.if_unreachable == "refuse":
+        what = f"size_of {mp.size_of} ({budget:.3f} bits a weight)" if mp.size_of \
+            else f"avg_bits {budget}"
+        raise UserError(f"ptq.mixed_precision: {what} is below this model's "
                         f"cheapest allocation ({cheapest:.3f} bits a weight: per-row scales on "
-                        "narrow layers); raise avg_bits, narrow include, or set "
+                        "narrow layers); raise the budget, narrow include, or set "
                         "if_unreachable: cheapest")
 
 
@@ -117,8 +150,11 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
         return {}, None
     keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
     cands = candidates_of(mp, mods, aux)
-    cheapest = cheapest_avg_bits(mods, specs, cands, keep)
-    refuse_unreachable(mp, cheapest)  # before the sensitivity analysis, which takes minutes
+    gguf = mp.size_of is not None  # the budget is a GGUF file's: count bytes as it holds them
+    floats = ragged(mods) if gguf else set()  # float in that file, whatever the bits
+    cheapest = cheapest_avg_bits(mods, specs, cands, keep, floats, gguf)
+    budget, budget_bytes = budget_bits(mp, tr, mods)
+    refuse_unreachable(mp, cheapest, budget)  # before the sensitivity analysis (minutes)
     rs = RowSampler(mods, max_rows=256)
     try:
         run_stage(handle, calib, None, cfg.calib_samples)
@@ -151,13 +187,13 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
     params = {n: w.numel() for n, w in weights.items()}
 
     def cost(n: str, b: int) -> float:
-        return mixed.bits_per_weight(b, weights[n].shape[1], specs[n].group(), specs[n].symmetric)
+        return stored_bits(b, weights[n].shape[1], specs[n], n in floats, gguf)
 
-    budget = mp.avg_bits
+    wanted = budget
     if cheapest > budget:
-        log.warning("ptq.mixed_precision: avg_bits %.3f is below this model's cheapest "
-                    "allocation (%.3f: scales on narrow layers); using the cheapest", budget,
-                    cheapest)
+        log.warning("ptq.mixed_precision: the budget (%.3f bits a weight) is below this model's "
+                    "cheapest allocation (%.3f: scales on narrow layers); using the cheapest",
+                    budget, cheapest)
         budget = cheapest * (1 + 1e-9)
     try:
         alloc = mixed.allocate(sens, params, avg_bits=budget, cost=cost, keep_high=keep)
@@ -173,8 +209,12 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
         for n in mods
     ]
     kept = [n for n in mods if alloc.bits[n] >= mixed.FLOAT_BITS]
-    return alloc.bits, {"budget_avg_bits": mp.avg_bits, "avg_bits": round(alloc.avg_bits, 3),
-                        "budget_met": alloc.avg_bits <= mp.avg_bits + 1e-9,
+    size = {} if budget_bytes is None else {
+        "budget_size_of": mp.size_of, "budget_bytes": round(budget_bytes),
+        "gguf_float_layers": sorted(floats)}
+    return alloc.bits, {"budget_avg_bits": round(wanted, 4), **size,
+                        "avg_bits": round(alloc.avg_bits, 3),
+                        "budget_met": alloc.avg_bits <= wanted + 1e-9,
                         "cheapest_avg_bits": round(cheapest, 3),
                         "metrics": mp.metrics if img_t else ["output"],
                         "image_estimate": estimate if img_t else None,
