@@ -76,7 +76,7 @@ def assert_valid(recipe) -> None:
         cfg = entry.get("ptq")
         if cfg is None:
             continue
-        assert cfg["weights"]["bits"] in (2, 3, 4, 6, 8)
+        assert cfg["weights"]["bits"] in (2, 3, 4, 5, 6, 8)
         assert cfg["include"], "include: [] selects nothing"
         if cfg["smoothing"] and cfg["smoothing"]["alpha"] != "auto":
             assert 0 <= cfg["smoothing"]["alpha"] <= 1
@@ -85,7 +85,10 @@ def assert_valid(recipe) -> None:
         mp = cfg["mixed_precision"]
         if mp:
             assert mp["candidates"] and mp["metrics"]
-            assert min(mp["candidates"]) <= mp["avg_bits"] <= 16
+            if mp["size_of"] is None:
+                assert min(mp["candidates"]) <= mp["avg_bits"] <= 16
+            else:  # the budget is a GGUF file's size, measured on the model
+                assert mp["avg_bits"] is None
     # a valid recipe's own resolved form is valid and means the same
     assert validate(d).hash() == recipe.hash()
 

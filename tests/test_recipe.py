@@ -40,7 +40,7 @@ def test_unknown_nested_pass_key(tmp_path):
 
 
 def test_bad_value_and_unknown_pass(tmp_path):
-    p = _write(tmp_path, {"name": "x", "passes": [{"ptq": {"weights": {"bits": 5}}}]})
+    p = _write(tmp_path, {"name": "x", "passes": [{"ptq": {"weights": {"bits": 7}}}]})
     with pytest.raises(UserError, match=r"passes\.0\.ptq\.weights\.bits"):
         load_recipe(p)
     p = _write(tmp_path, {"name": "x", "passes": [{"quantize": {}}]})
