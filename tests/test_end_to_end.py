@@ -46,7 +46,9 @@ def test_run_save_load_bit_equal(family, tiny_pipeline_dir, tmp_path, monkeypatc
     t = rep["timing"]  # the whole run's wall time and each phase's
     assert {"calibration", "original_samples", "passes", "evaluation", "latency"} <= \
         set(t["phases_seconds"])
-    assert sum(t["phases_seconds"].values()) <= t["wall_seconds"] + 1e-3
+    # each figure is rounded to the millisecond: half a millisecond each may add up
+    assert sum(t["phases_seconds"].values()) <= \
+        t["wall_seconds"] + 5e-4 * (len(t["phases_seconds"]) + 1) + 1e-9
     assert t["phases_seconds"]["passes"] >= t["passes_seconds"] - 0.05
 
     pipe = compress.load_pipeline(out)
