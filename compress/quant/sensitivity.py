@@ -9,8 +9,8 @@
   of the final denoised latent when a layer's weight moves by its quantisation error dW,
   estimated for every layer and candidate at once from a few backward passes through the whole
   sampling trajectory: with Gaussian probes r, E[(r . J dW)^2] = |J dW|^2, and one backward of
-  r . latent gives r . J for every weight. The number of sampling runs is prompts x probes,
-  whatever the number of layers.
+  r . latent gives r . J for every weight. One sampling run per prompt and a backward pass per
+  probe, whatever the number of layers.
 """
 
 from __future__ import annotations
@@ -103,12 +103,16 @@ def first_order_tables(latents: Callable[[], list[torch.Tensor]],
     try:
         for w in weights:
             w.requires_grad_(True)
-        for _ in tqdm(range(probes), desc="image sensitivity (first order)", leave=False):
-            outs = latents()
-            size = sum(o.numel() for o in outs)
+        # one sampling run serves every probe: the trajectory does not depend on the probe,
+        # so each backward reuses its graph (with time-step checkpointing, each backward
+        # recomputes the steps it needs, as the first would)
+        outs = latents()
+        size = sum(o.numel() for o in outs)
+        for i in tqdm(range(probes), desc="image sensitivity (first order)", leave=False):
             probe = sum((torch.randn(o.shape, generator=gen).to(o.device, o.dtype) * o).sum()
                         for o in outs)
-            grads = torch.autograd.grad(probe, weights, allow_unused=True)
+            grads = torch.autograd.grad(probe, weights, allow_unused=True,
+                                        retain_graph=i < probes - 1)
             for n, g in zip(names, grads):
                 for b, d in deltas[n].items():
                     v = 0.0 if g is None else float((g.float() * d.float()).sum())
