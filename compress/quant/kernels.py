@@ -214,15 +214,9 @@ def _rescale(
 _rescale_fused = fused(_rescale)
 
 
-def rescale_rows(
-    acc: torch.Tensor,
-    row_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    dtype: torch.dtype,
-    activation: str,
-    col_scale: torch.Tensor | None = None,
-    addend: torch.Tensor | None = None,
-) -> torch.Tensor:
+def rescale_rows(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype, activation: str, col_scale: torch.Tensor | None = None,
+                 addend: torch.Tensor | None = None) -> torch.Tensor:
     """act(acc [M, N] * row_scale [M, 1] + bias + addend) -> ``dtype``, in one fused pass (or
     two, see :func:`split_store`). ``acc`` already holds the weight scales, or (torch._int_mm's
     int32 accumulators) ``col_scale`` [N] gives them; ``addend`` [M, N] (a LoRA side branch)
