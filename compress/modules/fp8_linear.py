@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modules import weight_cache
 from compress.quant import qtensor
 
 
@@ -68,7 +69,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        b = weight_cache.cast(self.bias, x.dtype)
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:

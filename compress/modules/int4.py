@@ -113,7 +113,7 @@ class Int4Linear(nn.Module):
         if dtype is None:
             raise TypeError(f"Int4Linear needs a floating-point input, got {x.dtype}")
         w = weight_cache.weight(self, dtype, self.dequantized_weight)
-        b = self.bias.to(dtype) if self.bias is not None else None
+        b = weight_cache.cast(self.bias, dtype)
         return F.linear(x, w, b)
 
     @torch.no_grad()

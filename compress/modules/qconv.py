@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from compress.modules import weight_cache
+
 
 def _reversed_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> list:
     """[left_w, right_w, top_h, bottom_h], as nn.Conv2d computes for non-zero padding modes."""
@@ -116,7 +118,7 @@ class QConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        b = weight_cache.cast(self.bias, x.dtype)
         if self.padding_mode != "zeros":
             pad = _reversed_padding(self.padding, self.kernel_size, self.dilation)
             x = F.pad(x, pad, mode=self.padding_mode)

@@ -67,7 +67,7 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = weight_cache.weight(self, x.dtype, self.dequantized_weight)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        b = weight_cache.cast(self.bias, x.dtype)
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:

@@ -87,7 +87,7 @@ class VQLinear(nn.Module):
         return self._tile(0, self.out_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        b = weight_cache.cast(self.bias, x.dtype)
         step = max(1, TILE // self.in_features)
         if step >= self.out_features:
             return F.linear(x, weight_cache.weight(self, x.dtype, self.dequantized_weight), b)

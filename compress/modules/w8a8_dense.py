@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.metrics.timing import best_seconds
+from compress.modules import weight_cache
 
 MAX_MACS = 1 << 26  # tokens x in x out above which the int8 path is kept without timing
 _DECISIONS: dict[tuple, bool] = {}
@@ -45,7 +46,7 @@ def weight(layer: Any, dtype: torch.dtype) -> torch.Tensor:
 def forward(layer: Any, x: torch.Tensor, activation: str) -> torch.Tensor:
     from compress.quant import kernels
 
-    b = layer.bias.to(x.dtype) if layer.bias is not None else None
+    b = weight_cache.cast(layer.bias, x.dtype)
     return kernels.apply_activation(F.linear(x, weight(layer, x.dtype), b), activation)
 
 

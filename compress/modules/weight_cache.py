@@ -29,6 +29,12 @@ def version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (None stays None); no call into torch when it already is (a bias on
+    every forward of a small layer: ``Tensor.to`` costs about a microsecond even as a no-op)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def forget(layer: torch.nn.Module) -> None:
     """Drop what ``layer`` derived from its stored tensors (after they changed in place)."""
     for name in DERIVED:
