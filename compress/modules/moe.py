@@ -156,6 +156,7 @@ class Route:
         self.tokens = torch.zeros(GROUPS, dtype=torch.float64)
         self.balance: torch.Tensor | None = None
         self.mode: str | None = None  # "sparse" or "dense", chosen at the first inference call
+        self.out: nn.Module | None = None  # the pair's MoEOut (for timing the whole pair)
         self.clear()
 
     def clear(self) -> None:
@@ -373,6 +374,7 @@ class MoEOut(nn.Module):
         self.experts = nn.ModuleList(nn.Linear(w, out_dim, bias=False, **kw) for w in widths)
         self.bias = nn.Parameter(torch.zeros(out_dim, **kw)) if bias else None
         self.route = route
+        route.out = self
         for e, w in enumerate(widths):
             route.expert_params[e] += w * out_dim
 
