@@ -78,7 +78,8 @@ def describe() -> dict[str, object]:
         "onednn_int8_used": onednn_int8_fast(),
         "amx_int8": amx_available(),
         "fused_elementwise": fusion_enabled(),
-        "rescale_split_store": fusion_enabled() and split_store(),
+        # decided at the first int8 rescale (a timing); None before one ran
+        "rescale_split_store": split_store() if split_store.cache_info().currsize else None,
         "threads": torch.get_num_threads(),
     }
 
