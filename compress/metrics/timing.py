@@ -30,6 +30,17 @@ def best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
+def best_seconds_alternated(fns: list[Callable[[], Any]], rounds: int = 3,
+                            repeats: int = 3) -> list[float]:
+    """:func:`best_seconds` of each of ``fns``, in ``rounds`` alternated rounds, the best of
+    all: the first calls of a run are slow, and one load spike then decides nothing."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], best_seconds(fn, repeats))
+    return best
+
+
 def latency_ms_per_step(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in milliseconds.
 

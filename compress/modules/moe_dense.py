@@ -19,7 +19,6 @@ activation, the routing mask on the hidden channels, and one matmul out.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.metrics.timing import best_seconds
+from compress.metrics.timing import best_seconds_alternated
 from compress.modules import weight_cache
 
 _DECISIONS: dict[tuple, str] = {}
@@ -63,11 +62,8 @@ def choose(layer: Any, x: torch.Tensor, xt: torch.Tensor, samples: int) -> str:
                 out(h)
 
         try:
-            times = {sparse: math.inf, dense: math.inf}
-            for _ in range(3):  # alternated rounds, the best of each, so that one load spike
-                for fn, best in list(times.items()):  # decides nothing
-                    times[fn] = min(best, best_seconds(fn))
-            _DECISIONS[key] = "dense" if times[dense] < times[sparse] else "sparse"
+            t_sparse, t_dense = best_seconds_alternated([sparse, dense])
+            _DECISIONS[key] = "dense" if t_dense < t_sparse else "sparse"
         finally:
             route.collect = collect
             route.clear()

@@ -245,7 +245,7 @@ def split_store() -> bool:
     forced = os.environ.get("DIT_COMPRESS_RESCALE_STORE", "").strip().lower()
     if forced in ("split", "fused"):
         return forced == "split"
-    from compress.metrics.timing import best_seconds
+    from compress.metrics.timing import best_seconds_alternated
 
     g = torch.Generator().manual_seed(0)
     acc = torch.randint(-4096, 4096, (256, 2048), dtype=torch.int32, generator=g)
@@ -261,12 +261,9 @@ def split_store() -> bool:
         def split() -> None:
             one(acc, rows, bias, torch.float32, "gelu_tanh", cols).to(torch.bfloat16)
 
-        times = {single: math.inf, split: math.inf}
         with torch.inference_mode():
-            for _ in range(3):  # alternated rounds: the first calls of each run slow
-                for fn, best in list(times.items()):
-                    times[fn] = min(best, best_seconds(fn, 5))
-        choice = times[split] < 0.95 * times[single]
+            t_single, t_split = best_seconds_alternated([single, split], repeats=5)
+        choice = t_split < 0.95 * t_single
     except Exception as e:  # noqa: BLE001  (no compiler: the fused path falls back anyway)
         log.info("rescale store timing failed (%s); one pass", e)
         return False
