@@ -601,13 +601,7 @@ def check(handle, cfg: Config) -> None:
         raise UserError(f"ptq: no Linear/Conv2d layer matches include={cfg.include} "
                         f"exclude={cfg.exclude}")
     if mp is not None:  # the budget depends on layer shapes and candidates only
-        from compress.passes.ptq_mixed import (
-            budget_bits,
-            candidates_of,
-            cheapest_avg_bits,
-            ragged,
-            refuse_unreachable,
-        )
+        from compress.passes.ptq_mixed import budget_of, candidates_of
         from compress.targets import matches
 
         specs = {n: layer_spec(cfg, n, r) for n, _, r in chosen}
@@ -615,10 +609,7 @@ def check(handle, cfg: Config) -> None:
         roles = {n: r for n, _, r in chosen}
         keep = [n for n in mods if any(matches(s, n, roles[n]) for s in mp.keep_high)]
         cands = candidates_of(mp, mods, _auxiliary(handle, chosen))
-        budget, _ = budget_bits(mp, handle.transformer, mods)
-        floats = ragged(mods) if mp.size_of else set()
-        refuse_unreachable(mp, cheapest_avg_bits(mods, specs, cands, keep, floats,
-                                             mp.size_of is not None), budget)
+        budget_of(mp, handle.transformer, mods, specs, cands, keep)
 
 
 register_pass(PassDef(name="ptq", config=Config, apply=apply, restore=restore, kind="format",

@@ -115,6 +115,19 @@ def budget_bits(mp, tr, mods: dict) -> tuple[float, float | None]:
     return (target - rest) * 8 / max(weights, 1), target
 
 
+def budget_of(mp, tr, mods: dict, specs: dict, cands: dict[str, tuple[int, ...]],
+              keep: list[str]) -> tuple[float, float | None, float, set[str]]:
+    """(budget in bits a weight, its file bytes or None, the cheapest allocation's bits a
+    weight, the layers a GGUF file keeps float), refusing an unreachable budget in one line
+    when the recipe asks to. Before any work (the ptq check) and again at allocation."""
+    gguf = mp.size_of is not None  # the budget is a GGUF file's: count bytes as it holds them
+    floats = ragged(mods) if gguf else set()  # float in that file, whatever the bits
+    cheapest = cheapest_avg_bits(mods, specs, cands, keep, floats, gguf)
+    budget, budget_bytes = budget_bits(mp, tr, mods)
+    refuse_unreachable(mp, cheapest, budget)
+    return budget, budget_bytes, cheapest, floats
+
+
 def refuse_unreachable(mp, cheapest: float, budget: float) -> None:
     if cheapest > budget and mp.if_unreachable == "refuse":
         what = f"size_of {mp.size_of} ({budget:.3f} bits a weight)" if mp.size_of \
@@ -150,11 +163,9 @@ def allocate_bits(handle, calib, cfg: Config, specs: dict[str, WeightSpec], role
         return {}, None
     keep = [n for n in mods if any(matches(sel, n, roles[n]) for sel in mp.keep_high)]
     cands = candidates_of(mp, mods, aux)
-    gguf = mp.size_of is not None  # the budget is a GGUF file's: count bytes as it holds them
-    floats = ragged(mods) if gguf else set()  # float in that file, whatever the bits
-    cheapest = cheapest_avg_bits(mods, specs, cands, keep, floats, gguf)
-    budget, budget_bytes = budget_bits(mp, tr, mods)
-    refuse_unreachable(mp, cheapest, budget)  # before the sensitivity analysis (minutes)
+    # refused before the sensitivity analysis, which takes minutes
+    budget, budget_bytes, cheapest, floats = budget_of(mp, tr, mods, specs, cands, keep)
+    gguf = mp.size_of is not None
     rs = RowSampler(mods, max_rows=256)
     try:
         run_stage(handle, calib, None, cfg.calib_samples)
