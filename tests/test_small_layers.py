@@ -73,19 +73,22 @@ def test_small_weight_only_layers_reuse_their_weight_bit_equal(monkeypatch):
     from compress.modules import weight_cache
     from compress.modules.qlinear import QLinear
 
+    monkeypatch.setenv("DIT_COMPRESS_PACKED_LINEAR", "off")  # plain F.linear: bit-equal
+    weight_cache.reset_packed_choice()
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
     q = QLinear.from_linear(lin, 4, 16)
     x = torch.randn(5, 64)
     with torch.no_grad():
         y1 = q(x)
-        hit = q.__dict__["_weight_cache"][1]
+        hit = q.__dict__["_weight_cache"][3]
         y2 = q(x)
-        assert q.__dict__["_weight_cache"][1] is hit and torch.equal(y1, y2)
+        assert q.__dict__["_weight_cache"][3] is hit and torch.equal(y1, y2)
         assert torch.equal(y1, torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
         q.scale.mul_(2)  # the buffers change in place: the weight is rebuilt
         y3 = q(x)
-    assert q.__dict__["_weight_cache"][1] is not hit and not torch.equal(y3, y1)
+    assert q.__dict__["_weight_cache"][3] is not hit and not torch.equal(y3, y1)
+    weight_cache.reset_packed_choice()
     monkeypatch.setattr(weight_cache, "MAX_ELEMENTS", 10)  # a large layer keeps no copy
     big = QLinear.from_linear(lin, 8)
     with torch.no_grad():
@@ -120,3 +123,43 @@ def test_small_moe_runs_dense_with_the_same_values_and_counts(family, tiny_pipel
         assert {r.mode for _, r in moe.routes(tr)} == {"sparse" if mode == "never" else "dense"}
     assert torch.allclose(outs["never"], outs["always"], atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(loads["never"], loads["always"], strict=True))
+
+
+def test_packed_gemm_for_kept_weights_matches_f_linear_and_keeps_autograd(monkeypatch):
+    from compress.modules import weight_cache
+    from compress.modules.int4 import Int4Linear
+    from compress.modules.qlinear import QLinear
+    from compress.modules.w8a8 import W8A8Linear
+
+    if not weight_cache._packed_ops_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    monkeypatch.setenv("DIT_COMPRESS_PACKED_LINEAR", "on")
+    weight_cache.reset_packed_choice()
+    try:
+        torch.manual_seed(0)
+        lin = nn.Linear(96, 40)
+        x = torch.randn(3, 7, 96)
+        for q in (QLinear.from_linear(lin, 8), Int4Linear.from_linear(lin, 32)):
+            ref = torch.nn.functional.linear(x, q.dequantized_weight(), q.bias)
+            with torch.no_grad():
+                y = q(x)
+                assert q.__dict__["_weight_cache"][1] is True  # the packed form is what is kept
+            assert y.shape == ref.shape
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+            # with autograd on, the plain path runs (no gradient through the packed op)
+            xg = x.clone().requires_grad_(True)
+            q(xg).sum().backward()
+            assert xg.grad is not None and q.__dict__["_weight_cache"][1] is False
+        w = W8A8Linear.from_linear(lin)
+        w._dense = True
+        with torch.no_grad():
+            y = w(x)
+        ref = torch.nn.functional.linear(x, w.dequantized_weight(), w.bias)
+        assert w._dense_w[0][1] is True
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+        monkeypatch.setenv("DIT_COMPRESS_PACKED_LINEAR", "off")
+        weight_cache.reset_packed_choice()
+        with torch.no_grad():
+            assert torch.equal(w(x), ref)  # off: F.linear on the same weight, bit-equal
+    finally:
+        weight_cache.reset_packed_choice()

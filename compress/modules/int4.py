@@ -112,9 +112,7 @@ class Int4Linear(nn.Module):
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else None
         if dtype is None:
             raise TypeError(f"Int4Linear needs a floating-point input, got {x.dtype}")
-        w = weight_cache.weight(self, dtype, self.dequantized_weight)
-        b = weight_cache.cast(self.bias, dtype)
-        return F.linear(x, w, b)
+        return weight_cache.linear(self, x, self.bias, self.dequantized_weight)
 
     @torch.no_grad()
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,16 +78,17 @@ def _pieces(layer: Any) -> list[nn.Module]:
 
 
 def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: int,
-                  parts: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                  parts: int, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``mods``' weights (and biases) side by side in the order their outputs (dim 0) or inputs
     (dim 1) take in the hidden tensor, each of ``parts`` halves [shared | experts] in turn; kept
     on ``layer`` while the weights are unchanged. None when a piece is not a plain Linear, the
-    layer is large, or under torch.compile (which traces the per-expert form)."""
+    layer is large, or under torch.compile (which traces the per-expert form). ``packed``: the
+    weight kept in oneDNN's layout instead (:func:`weight_cache.packed_linear`)."""
     if (torch.compiler.is_compiling() or not weight_cache.ENABLED
             or any(type(m) is not nn.Linear for m in mods)
             or sum(m.weight.numel() for m in mods) > weight_cache.MAX_ELEMENTS):
         return None
-    key = (dtype, *((m.weight.data_ptr(), weight_cache.version(m.weight)) for m in mods))
+    key = (dtype, packed, *((m.weight.data_ptr(), weight_cache.version(m.weight)) for m in mods))
     hit = layer.__dict__.get("_side_by_side")
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -100,6 +101,7 @@ def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: in
         else:
             w, b = torch.cat([m.weight for m in mods], 1), None
         w = w.to(dtype).contiguous()
+        w = weight_cache.pack(w) if packed else w
         b = b.to(dtype) if b is not None else None
     layer.__dict__["_side_by_side"] = (key, (w, b))
     return w, b
@@ -122,9 +124,10 @@ def forward_in(layer: Any, xt: torch.Tensor, samples: int, act) -> torch.Tensor:
     route.compute_dense(xt, samples)
     keep = (route.mask != 0).to(xt.dtype)
     parts = layer.parts
-    wb = _side_by_side(layer, _pieces(layer), xt.dtype, 0, parts)
+    packed = not torch.compiler.is_compiling() and weight_cache.use_packed(xt)
+    wb = _side_by_side(layer, _pieces(layer), xt.dtype, 0, parts, packed)
     if wb is not None:
-        y = F.linear(xt, *wb)
+        y = weight_cache.packed_linear(xt, *wb) if packed else F.linear(xt, *wb)
         if layer.act is not None:
             return act(y) * _channel_mask(layer, keep)  # a gated act joins the halves
         return y * _channel_mask(layer, keep).repeat(1, parts)
@@ -153,7 +156,8 @@ def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
     if not torch.is_grad_enabled():
         # the gates' values are 1 where chosen and MoEIn zeroed the other channels: one matmul
         mods = ([layer.rest] if layer.rest is not None else []) + _pieces(layer)
-        wb = _side_by_side(layer, mods, ht.dtype, 1, 1)
+        packed = weight_cache.use_packed(ht)
+        wb = _side_by_side(layer, mods, ht.dtype, 1, 1, packed)
         if wb is not None:
             if not layer.packed:  # what ran between the pair (Sana's depthwise conv, a bias)
                 m = _channel_mask(layer, (route.mask != 0).to(ht.dtype))  # may fill channels
@@ -161,7 +165,7 @@ def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
                     m = torch.cat([m.new_ones(m.shape[0], a), m], dim=1)
                 ht = ht * m
             b = layer.bias.to(ht.dtype) if layer.bias is not None else None
-            return F.linear(ht, wb[0], b)
+            return weight_cache.packed_linear(ht, wb[0], b) if packed else F.linear(ht, wb[0], b)
     y = layer.rest(ht[:, :a]) if layer.rest is not None else None
     if layer.shared is not None:
         z = layer.shared(ht[:, a:a + layer.shared_width])

@@ -66,9 +66,7 @@ class QLinear(nn.Module):
         return qtensor.dequantize(codes, self.scale, self.zero, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = weight_cache.weight(self, x.dtype, self.dequantized_weight)
-        b = weight_cache.cast(self.bias, x.dtype)
-        return F.linear(x, w, b)
+        return weight_cache.linear(self, x, self.bias, self.dequantized_weight)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""

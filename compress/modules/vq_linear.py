@@ -90,7 +90,7 @@ class VQLinear(nn.Module):
         b = weight_cache.cast(self.bias, x.dtype)
         step = max(1, TILE // self.in_features)
         if step >= self.out_features:
-            return F.linear(x, weight_cache.weight(self, x.dtype, self.dequantized_weight), b)
+            return weight_cache.linear(self, x, b, self.dequantized_weight)
         parts = []
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)

@@ -221,7 +221,7 @@ class W8A8Linear(nn.Module):
         self.context: TimestepContext | None = None
         self._derived: dict[str, Any] | None = None
         self._dense: bool | None = None  # run dequantised (w8a8_dense; decided at first call)
-        self._dense_w: torch.Tensor | None = None
+        self._dense_w: tuple | None = None  # w8a8_dense.weight: (key, weight)
         self._derived_key: tuple | None = None
 
     # -- construction ---------------------------------------------------------------------

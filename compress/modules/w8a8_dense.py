@@ -4,7 +4,8 @@ Quantising activations per token, the int8 GEMM and the rescale cost a few fixed
 small layer (the demo's 256-wide blocks, 32 tokens) they take longer than the whole float
 matmul they replace. At its first call a W8A8Linear times both forms on its real input and
 keeps the faster: the int8 path, or ``F.linear`` with its weight dequantised once (int8 codes
-times scales, smoothing undone) and kept in the input's dtype. Layers above ``MAX_MACS`` are
+times scales, smoothing undone) and kept in the input's dtype (packed for oneDNN where that
+times faster: :func:`compress.modules.weight_cache.use_packed`). Layers above ``MAX_MACS`` are
 not timed (int8 wins there on every CPU measured, and timing them would cost seconds).
 
 The dense form skips activation quantisation, so its output is closer to the original's, not
@@ -34,20 +35,26 @@ def _forced() -> str:
     return v if v in ("never", "always") else "auto"
 
 
-def weight(layer: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The dequantised weight in ``dtype`` (built once, dropped when the buffers change)."""
-    w = layer._dense_w
-    if w is None or w.dtype != dtype or w.device != layer.weight.device:
+def weight(layer: Any, dtype: torch.dtype, packed: bool = False) -> torch.Tensor:
+    """The dequantised weight in ``dtype`` (built once, dropped when the buffers change); with
+    ``packed``, in oneDNN's layout for :func:`weight_cache.packed_linear`."""
+    hit = layer._dense_w
+    if hit is None or hit[0] != (dtype, packed, layer.weight.device):
         w = layer.dequantized_weight(dtype).contiguous()
-        layer._dense_w = w
-    return w
+        hit = ((dtype, packed, layer.weight.device), weight_cache.pack(w) if packed else w)
+        layer._dense_w = hit
+    return hit[1]
 
 
 def forward(layer: Any, x: torch.Tensor, activation: str) -> torch.Tensor:
     from compress.quant import kernels
 
     b = weight_cache.cast(layer.bias, x.dtype)
-    return kernels.apply_activation(F.linear(x, weight(layer, x.dtype), b), activation)
+    if not torch.compiler.is_compiling() and weight_cache.use_packed(x):
+        y = weight_cache.packed_linear(x, weight(layer, x.dtype, packed=True), b)
+    else:
+        y = F.linear(x, weight(layer, x.dtype), b)
+    return kernels.apply_activation(y, activation)
 
 
 @torch.no_grad()
