@@ -156,7 +156,7 @@ def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
     if not torch.is_grad_enabled():
         # the gates' values are 1 where chosen and MoEIn zeroed the other channels: one matmul
         mods = ([layer.rest] if layer.rest is not None else []) + _pieces(layer)
-        packed = weight_cache.use_packed(ht)
+        packed = not torch.compiler.is_compiling() and weight_cache.use_packed(ht)
         wb = _side_by_side(layer, mods, ht.dtype, 1, 1, packed)
         if wb is not None:
             if not layer.packed:  # what ran between the pair (Sana's depthwise conv, a bias)

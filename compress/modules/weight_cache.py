@@ -137,9 +137,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def use_packed(x: torch.Tensor) -> bool:
-    """Whether a kept weight runs packed for this input: CPU, no autograd, and packing timed
-    faster for the dtype on this machine."""
+    """Whether a kept weight runs packed for this input: CPU, no autograd, not being traced by
+    torch.compile (which packs weights its own way), and packing timed faster for the dtype on
+    this machine."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and x.dtype in (torch.float32, torch.bfloat16) and packed_faster(x.dtype))
 
 
