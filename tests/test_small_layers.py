@@ -88,6 +88,9 @@ def test_small_weight_only_layers_reuse_their_weight_bit_equal(monkeypatch):
         q.scale.mul_(2)  # the buffers change in place: the weight is rebuilt
         y3 = q(x)
     assert q.__dict__["_weight_cache"][3] is not hit and not torch.equal(y3, y1)
+    with torch.no_grad():
+        q.scale.data = q.scale.data / 2  # the storage swapped (as an offloading hook may do)
+        assert torch.equal(q(x), y1)
     weight_cache.reset_packed_choice()
     monkeypatch.setattr(weight_cache, "MAX_ELEMENTS", 10)  # a large layer keeps no copy
     big = QLinear.from_linear(lin, 8)

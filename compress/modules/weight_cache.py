@@ -66,13 +66,13 @@ def _keeps(layer: torch.nn.Module) -> bool:
 
 
 def _valid(hit: tuple | None, dtype: torch.dtype, packed: bool, buffers: list) -> bool:
-    """Whether a kept entry ``(dtype, packed, [(buffer, version)...], tensor)`` still holds:
-    the same buffer objects, unchanged in place (identity and version counter: no call into
-    torch beyond reading ``_version``)."""
+    """Whether a kept entry ``(dtype, packed, [(buffer, data pointer, version)...], tensor)``
+    still holds: the same buffer objects on the same storage (``.data`` swapped, e.g. by an
+    offloading hook, changes the pointer), unchanged in place (version counter)."""
     if hit is None or hit[0] != dtype or hit[1] != packed or len(hit[2]) != len(buffers):
         return False
-    for (ref, ver), t in zip(hit[2], buffers):
-        if ref is not t or (ver is not None and t._version != ver):
+    for (ref, ptr, ver), t in zip(hit[2], buffers):
+        if ref is not t or t.data_ptr() != ptr or (ver is not None and t._version != ver):
             return False
     return True
 
@@ -87,7 +87,7 @@ def _kept(layer: torch.nn.Module, dtype: torch.dtype, packed: bool,
     if packed:
         w = pack(w)
     # inference tensors have no version counter (see version()): identity alone keys them
-    refs = [(t, None if t.is_inference() else t._version) for t in buffers]
+    refs = [(t, t.data_ptr(), None if t.is_inference() else t._version) for t in buffers]
     layer.__dict__["_weight_cache"] = (dtype, packed, refs, w)
     return w
 
