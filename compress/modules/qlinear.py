@@ -6,7 +6,6 @@ No full-precision copy of the weight is kept; the forward dequantises into the i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.modules import weight_cache
