@@ -71,6 +71,24 @@ class TimeContext:
     def __init__(self) -> None:
         self.t: torch.Tensor | None = None
         self.raw_max = 0.0  # the largest timestep seen, before scaling (finds the range)
+        # the routers' time features of the current call, shared by every MoE layer reading
+        # this context: (t, tokens, samples, dtype, features); ``t`` is replaced each call
+        self.features: tuple | None = None
+
+    def token_features(self, tt: torch.Tensor, n: int, samples: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """:func:`time_features` of the per-token times ``tt`` (from ``self.t``), computed once
+        per call for all layers (the hook replaces ``self.t`` every call; it is never changed
+        in place)."""
+        if torch.compiler.is_compiling():
+            return time_features(tt).to(dtype)
+        hit = self.features
+        if (hit is not None and hit[0] is self.t and hit[1] == n and hit[2] == samples
+                and hit[3] == dtype and hit[4].device == tt.device):
+            return hit[4]
+        f = time_features(tt).to(dtype)
+        self.features = (self.t, n, samples, dtype, f)
+        return f
 
 
 class TimeHook:
@@ -195,7 +213,8 @@ class Route:
         logits = self.router(xt).float()
         tt = self._token_time(xt.shape[0], samples)
         if self.t_router is not None and tt is not None:
-            logits = logits + self.t_router(time_features(tt.to(xt.device)).to(xt.dtype)).float()
+            feats = self.ctx.token_features(tt.to(xt.device), xt.shape[0], samples, xt.dtype)
+            logits = logits + self.t_router(feats).float()
         return logits, tt
 
     def compute_dense(self, xt: torch.Tensor, samples: int) -> None:
@@ -203,10 +222,12 @@ class Route:
         chosen): the form torch.compile traces, since its shapes do not depend on the data."""
         logits, tt = self._logits(xt, samples)
         top = logits.topk(self.top_k, dim=-1).indices
-        chosen = logits.softmax(-1).gather(1, top)
-        gate = (1.0 + chosen - chosen.detach()).to(xt.dtype)
-        self.mask = torch.zeros(xt.shape[0], self.experts, dtype=xt.dtype,
-                                device=xt.device).scatter(1, top, gate)
+        mask = torch.zeros(xt.shape[0], self.experts, dtype=xt.dtype, device=xt.device)
+        if torch.is_grad_enabled():
+            chosen = logits.softmax(-1).gather(1, top)
+            self.mask = mask.scatter(1, top, (1.0 + chosen - chosen.detach()).to(xt.dtype))
+        else:  # the gates' value is one: without gradients only where they are counts
+            self.mask = mask.scatter_(1, top, 1.0)
         if self.collect and not torch.compiler.is_compiling():
             self._count(top.reshape(-1), tt, xt.shape[0])
 

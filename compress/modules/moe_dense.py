@@ -116,6 +116,17 @@ def _channel_mask(layer: Any, keep: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _zero_unchosen(layer: Any, y: torch.Tensor, keep: torch.Tensor, parts: int) -> torch.Tensor:
+    """``y * _channel_mask(layer, keep)`` (repeated over ``parts``) in place, without building
+    the [T, hidden] mask: each expert's columns scaled by its 0/1 keep (no autograd here)."""
+    widths = layer.widths
+    if len(set(widths)) != 1:
+        return y * _channel_mask(layer, keep).repeat(1, parts)
+    t, e, w, s = y.shape[0], len(widths), widths[0], layer.shared_width
+    y.view(t, parts, layer.hidden)[:, :, s:].view(t, parts, e, w).mul_(keep[:, None, :, None])
+    return y
+
+
 def forward_in(layer: Any, xt: torch.Tensor, samples: int, act) -> torch.Tensor:
     """MoEIn's dense form on [T, D] tokens: every expert on every token, the ones a token did not
     choose zeroed. [T, parts x hidden] laid out as the sparse form's hidden tensor, or with a
@@ -129,7 +140,12 @@ def forward_in(layer: Any, xt: torch.Tensor, samples: int, act) -> torch.Tensor:
     if wb is not None:
         y = weight_cache.packed_linear(xt, *wb) if packed else F.linear(xt, *wb)
         if layer.act is not None:
-            return act(y) * _channel_mask(layer, keep)  # a gated act joins the halves
+            y = act(y)  # a gated act joins the halves
+            if not torch.is_grad_enabled():
+                return _zero_unchosen(layer, y, keep, 1)
+            return y * _channel_mask(layer, keep)
+        if not torch.is_grad_enabled():
+            return _zero_unchosen(layer, y, keep, parts)
         return y * _channel_mask(layer, keep).repeat(1, parts)
     if layer.act is not None:  # per piece: the activation (gated: per piece's halves), masked
         out = []
