@@ -59,7 +59,11 @@ def main() -> int:
             times[k].append(once(tr))
     from compress.metrics.timing import cpu_model
 
+    from compress.modules import weight_cache
+
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {a.rounds} rounds of {a.calls} calls")
+    # part of an output's speed may be the kernel its kept weights chose, not its bits
+    print(f"kept-weight GEMM: {weight_cache.packed_choices() or 'none used'}")
     base = times["original"]
     for k, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))
