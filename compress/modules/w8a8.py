@@ -222,7 +222,7 @@ class W8A8Linear(nn.Module):
         self._derived: dict[str, Any] | None = None
         self._dense: bool | None = None  # run dequantised (w8a8_dense; decided at first call)
         self._dense_w: tuple | None = None  # w8a8_dense.weight: (key, weight)
-        self._derived_key: tuple | None = None
+        self._derived_key: list | None = None  # weight_cache.stamp of the buffers
 
     # -- construction ---------------------------------------------------------------------
 
@@ -293,19 +293,18 @@ class W8A8Linear(nn.Module):
 
     # -- derived kernel state ---------------------------------------------------------------
 
-    def _state_key(self) -> tuple:
-        return tuple(
-            (t.data_ptr(), weight_cache.version(t), t.device) if t is not None else None
-            for t in (self.weight, self.weight_scale, self.bias, self.act_scale, self.smooth)
-        )
+    def _state(self) -> tuple:
+        b = self._buffers  # (plain dict reads: this runs twice per forward)
+        return b["weight"], b["weight_scale"], b["bias"], b["act_scale"], b["smooth"]
 
     def prepare(self) -> dict[str, Any]:
         """Build (or return) the packed weight and reciprocal scales for the current buffers."""
         if self._derived is not None and torch.compiler.is_compiling():
             return self._derived  # data_ptr() cannot be traced; prepare() ran before compiling
-        key = self._state_key()
-        if self._derived is not None and self._derived_key == key:
+        state = self._state()
+        if self._derived is not None and weight_cache.unchanged(self._derived_key, state):
             return self._derived
+        key = weight_cache.stamp(state)
         inv_smooth = torch.reciprocal(self.smooth) if self.smooth is not None else None
         d: dict[str, Any] = {
             "packed": kernels.prepack_int8(self.weight),

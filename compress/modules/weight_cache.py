@@ -65,16 +65,32 @@ def _keeps(layer: torch.nn.Module) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _valid(hit: tuple | None, dtype: torch.dtype, packed: bool, buffers: list) -> bool:
-    """Whether a kept entry ``(dtype, packed, [(buffer, data pointer, version)...], tensor)``
-    still holds: the same buffer objects on the same storage (``.data`` swapped, e.g. by an
-    offloading hook, changes the pointer), unchanged in place (version counter)."""
-    if hit is None or hit[0] != dtype or hit[1] != packed or len(hit[2]) != len(buffers):
+def stamp(tensors: list | tuple) -> list:
+    """What :func:`unchanged` compares later: each tensor (or None), its storage pointer and
+    its version counter (none for inference tensors, see :func:`version`)."""
+    return [None if t is None else (t, t.data_ptr(), None if t.is_inference() else t._version)
+            for t in tensors]
+
+
+def unchanged(st: list | None, tensors: list | tuple) -> bool:
+    """Whether ``tensors`` are still those :func:`stamp` saw: the same objects on the same
+    storage (``.data`` swapped, e.g. by an offloading hook, changes the pointer), unchanged in
+    place (version counter). A few attribute reads per tensor: this runs on every forward."""
+    if st is None or len(st) != len(tensors):
         return False
-    for (ref, ptr, ver), t in zip(hit[2], buffers):
-        if ref is not t or t.data_ptr() != ptr or (ver is not None and t._version != ver):
+    for s, t in zip(st, tensors):
+        if s is None or t is None:
+            if s is not t:
+                return False
+        elif s[0] is not t or t.data_ptr() != s[1] or (s[2] is not None and t._version != s[2]):
             return False
     return True
+
+
+def _valid(hit: tuple | None, dtype: torch.dtype, packed: bool, buffers: list) -> bool:
+    """Whether a kept entry ``(dtype, packed, stamp, tensor)`` still holds for ``buffers``."""
+    return (hit is not None and hit[0] == dtype and hit[1] == packed
+            and unchanged(hit[2], buffers))
 
 
 def _kept(layer: torch.nn.Module, dtype: torch.dtype, packed: bool,
@@ -86,9 +102,7 @@ def _kept(layer: torch.nn.Module, dtype: torch.dtype, packed: bool,
     w = build(dtype)
     if packed:
         w = pack(w)
-    # inference tensors have no version counter (see version()): identity alone keys them
-    refs = [(t, t.data_ptr(), None if t.is_inference() else t._version) for t in buffers]
-    layer.__dict__["_weight_cache"] = (dtype, packed, refs, w)
+    layer.__dict__["_weight_cache"] = (dtype, packed, stamp(buffers), w)
     return w
 
 
