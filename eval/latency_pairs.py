@@ -58,7 +58,6 @@ def main() -> int:
         for k, tr in models.items():
             times[k].append(once(tr))
     from compress.metrics.timing import cpu_model
-
     from compress.modules import weight_cache
 
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {a.rounds} rounds of {a.calls} calls")
