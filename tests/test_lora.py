@@ -444,3 +444,32 @@ def test_stock_load_lora_weights_readdresses_a_depth_pruned_sd3(tiny_pipeline_di
     # block 1 of the original is block 0 now, and carries block 1's adapter
     got = q.transformer.transformer_blocks[0].attn.to_q.lora_A["x"].weight
     assert torch.equal(got, sd["transformer_blocks.1.attn.to_q.lora_A.weight"])
+
+
+def test_load_lora_on_a_module_without_parameters():
+    """A fully compressed own module (codes in buffers, norms without affine weights) has no
+    nn.Parameter at all; PEFT's injection read its device off the first one and failed."""
+    from compress.modules.qlinear import QLinear
+
+    class Own(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16, elementwise_affine=False)
+            self.fc1 = QLinear.from_linear(nn.Linear(16, 16, bias=False), 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc1(self.norm(x))
+
+    torch.manual_seed(0)
+    m = Own()
+    assert not list(m.parameters())
+    a, b = torch.randn(4, 16), torch.randn(16, 4)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y0 = m(x)
+        compress.load_lora(m, {"fc1.lora_A.weight": a, "fc1.lora_B.weight": b}, scale=0.5)
+        y1 = m(x)
+    assert not hasattr(m, "_lora_device_probe")
+    # alpha defaults to the rank: scaling 1, times the strength 0.5
+    want = y0 + 0.5 * (m.norm(x) @ a.t()) @ b.t()
+    assert (y1 - want).abs().max() < 1e-4 * want.abs().max()

@@ -190,7 +190,19 @@ def _inject(module: nn.Module, layers: dict[str, dict], cfg: dict, name: str,
     config = LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(layers),
                         rank_pattern={_exact(p): r for p, r in ranks.items() if r != r0},
                         init_lora_weights=False, lora_bias=bias)
-    inject_adapter_in_model(config, module, adapter_name=name)
+    # PEFT reads the device off the module's first parameter; a fully compressed module may
+    # have none (int codes are buffers, norms without affine weights): lend it an empty one
+    probe = None
+    if next(module.parameters(), None) is None:
+        dev = next((t.device for t in module.buffers()), torch.device("cpu"))
+        probe = "_lora_device_probe"
+        module.register_parameter(probe, nn.Parameter(torch.empty(0, device=dev),
+                                                      requires_grad=False))
+    try:
+        inject_adapter_in_model(config, module, adapter_name=name)
+    finally:
+        if probe is not None:
+            del module._parameters[probe]
     alpha_all = cfg.get("lora_alpha")
     alphas = cfg.get("alpha_pattern") or {}
     mods = dict(module.named_modules())
