@@ -117,14 +117,14 @@ def _dense_w8a8(tr: nn.Module) -> dict:
     return {"w8a8_dense": {"layers": len(dense), "of": len(layers), "names": dense[:20]}}
 
 
-def _weight_gemm() -> dict:
-    """Which GEMM the layers that keep a dequantised weight ran, per dtype, as timed on this
-    machine (compress/modules/weight_cache.py): part of a speed gain may be the kernel, not the
-    bits, and the report says so."""
+def _weight_gemm(tr: nn.Module) -> dict:
+    """Which GEMM the layers that keep a dequantised weight last ran, per dtype (as timed on
+    this machine, compress/modules/weight_cache.py), read off the layers themselves: part of a
+    speed gain may be the kernel, not the bits, and the report says so."""
     from compress.modules import weight_cache
 
-    choices = weight_cache.packed_choices()
-    return {"kept_weight_gemm": choices} if choices else {}
+    used = weight_cache.kept_kernels(tr)
+    return {"kept_weight_gemm": used} if used else {}
 
 
 def step_latency_ms(handle, calib, repeats: int) -> float | None:
@@ -649,7 +649,7 @@ def run_recipe(
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
-                  **_dense_w8a8(tr), **_weight_gemm(),
+                  **_dense_w8a8(tr), **_weight_gemm(tr),
                   "peak_rss_mb": peak_rss_mb(), "device": str(device), "cpu": cpu_model()},
         "quality": quality,
         **({"moe_load": moe_load} if moe_load else {}),

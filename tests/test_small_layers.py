@@ -166,3 +166,30 @@ def test_packed_gemm_for_kept_weights_matches_f_linear_and_keeps_autograd(monkey
             assert torch.equal(w(x), ref)  # off: F.linear on the same weight, bit-equal
     finally:
         weight_cache.reset_packed_choice()
+
+
+@pytest.mark.parametrize("forced", ["on", "off"])
+def test_report_names_the_kept_weight_gemm(forced, tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    """Part of a compressed output's speed can be the packed GEMM its kept weights chose, not
+    its bits: the report says which kernel ran, and the summary line says so when packed."""
+    import compress
+    from compress.modules import weight_cache
+    from compress.report.markdown import summary_lines
+
+    if forced == "on" and not weight_cache._packed_ops_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    monkeypatch.setenv("DIT_COMPRESS_PACKED_LINEAR", forced)
+    weight_cache.reset_packed_choice()
+    try:
+        rep = compress.run_recipe({"name": "t", "calibration": {"num_prompts": 2, "steps": 3},
+                                   "eval": {"num_prompts": 2, "steps": 3, "latency": True,
+                                            "latency_repeats": 1},
+                                   "passes": [{"ptq": {"weights": {"bits": 8}}}]},
+                                  str(tiny_pipeline_dir("pixart")), tmp_path / "o")
+    finally:
+        weight_cache.reset_packed_choice()
+    want = "onednn_packed" if forced == "on" else "f_linear"
+    assert rep["speed"]["kept_weight_gemm"] == {"float32": want}
+    text = " ".join(summary_lines(rep))
+    assert ("packed GEMM" in text) == (forced == "on")

@@ -183,6 +183,24 @@ def packed_choices() -> dict[str, str]:
             for d, v in _DECIDED.items()}
 
 
+def kept_kernels(root: torch.nn.Module) -> dict[str, str]:
+    """dtype -> "onednn_packed" / "f_linear" for what the layers under ``root`` keep now (their
+    last forward): weight-only layers, W8A8 layers run dequantised, small MoE pairs."""
+    used: dict[str, str] = {}
+    for m in root.modules():
+        d = m.__dict__
+        for entry in (d.get("_weight_cache"), d.get("_dense_w"), d.get("_side_by_side")):
+            if entry is None:
+                continue
+            # (dtype, packed, ...) first, or W8A8's ((dtype, packed, device), weight)
+            dtype, packed = entry[0][:2] if isinstance(entry[0], tuple) else entry[:2]
+            kind = "onednn_packed" if packed else "f_linear"
+            name = str(dtype).removeprefix("torch.")
+            if used.get(name) != "onednn_packed":  # mixed: say that the packed one ran too
+                used[name] = kind
+    return used
+
+
 def _decide_packed(dtype: torch.dtype) -> bool:
     forced = os.environ.get("DIT_COMPRESS_PACKED_LINEAR", "").strip().lower()
     if forced in ("off", "0", "no", "false"):
