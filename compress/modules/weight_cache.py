@@ -4,8 +4,9 @@ QLinear, Int4Linear, VQLinear and LowRankQLinear rebuild their float weight at e
 on a large layer costs little beside the matmul and saves the memory of a float copy. On a
 small layer (the demo's 256-wide blocks) the rebuild costs more than the matmul itself, so a
 layer of at most ``MAX_ELEMENTS`` weights keeps the rebuilt weight and reuses it: the same
-tensor the call would have built, so outputs are bit-equal and only memory changes (at most
-``MAX_ELEMENTS`` x 4 bytes per layer; the report's peak memory includes it).
+tensor the call would have built, so outputs are bit-equal (unless packed, below) and only
+memory changes (at most ``MAX_ELEMENTS`` x 4 bytes per layer; the report's peak memory
+includes it).
 ``DIT_COMPRESS_WEIGHT_CACHE=0`` (read at import) turns it off.
 
 A kept weight may also be kept *packed* for oneDNN's GEMM (:func:`linear`): packed once instead
