@@ -84,14 +84,20 @@ def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: in
     on ``layer`` while the weights are unchanged. None when a piece is not a plain Linear, the
     layer is large, or under torch.compile (which traces the per-expert form). ``packed``: the
     weight kept in oneDNN's layout instead (:func:`weight_cache.packed_linear`)."""
-    if (torch.compiler.is_compiling() or not weight_cache.ENABLED
-            or any(type(m) is not nn.Linear for m in mods)
-            or sum(m.weight.numel() for m in mods) > weight_cache.MAX_ELEMENTS):
+    if torch.compiler.is_compiling() or not weight_cache.ENABLED:
         return None
-    key = (dtype, packed, *((m.weight.data_ptr(), weight_cache.version(m.weight)) for m in mods))
+    # plain dict reads (this runs twice per feed-forward call): None for a piece that is not a
+    # plain Linear (quantised, or wrapped by a LoRA), which fails the kept stamp below
+    params = [m._parameters if type(m) is nn.Linear else {} for m in mods]
+    tensors = [d.get("weight") for d in params] + [d.get("bias") for d in params]
     hit = layer.__dict__.get("_side_by_side")
-    if hit is not None and hit[0] == key:
+    if (hit is not None and hit[0][0] == dtype and hit[0][1] == packed
+            and weight_cache.unchanged(hit[0][2], tensors)):
         return hit[1]
+    if (any(d.get("weight") is None for d in params)
+            or sum(d["weight"].numel() for d in params) > weight_cache.MAX_ELEMENTS):
+        return None
+    key = (dtype, packed, weight_cache.stamp(tensors))
     with torch.no_grad():
         if dim == 0:
             w = torch.cat([c for p in range(parts) for m in mods
