@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compress.metrics.timing import best_seconds_alternated
@@ -141,10 +140,10 @@ def forward_in(layer: Any, xt: torch.Tensor, samples: int, act) -> torch.Tensor:
     route.compute_dense(xt, samples)
     keep = (route.mask != 0).to(xt.dtype)
     parts = layer.parts
-    packed = not torch.compiler.is_compiling() and weight_cache.use_packed(xt)
+    packed = weight_cache.use_packed(xt)
     wb = _side_by_side(layer, _pieces(layer), xt.dtype, 0, parts, packed)
     if wb is not None:
-        y = weight_cache.packed_linear(xt, *wb) if packed else F.linear(xt, *wb)
+        y = weight_cache.matmul(xt, *wb, packed)
         if layer.act is not None:
             y = act(y)  # a gated act joins the halves
             if not torch.is_grad_enabled():
@@ -178,7 +177,7 @@ def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
     if not torch.is_grad_enabled():
         # the gates' values are 1 where chosen and MoEIn zeroed the other channels: one matmul
         mods = ([layer.rest] if layer.rest is not None else []) + _pieces(layer)
-        packed = not torch.compiler.is_compiling() and weight_cache.use_packed(ht)
+        packed = weight_cache.use_packed(ht)
         wb = _side_by_side(layer, mods, ht.dtype, 1, 1, packed)
         if wb is not None:
             if not layer.packed:  # what ran between the pair (Sana's depthwise conv, a bias)
@@ -187,7 +186,7 @@ def forward_out(layer: Any, ht: torch.Tensor, a: int) -> torch.Tensor:
                     m = torch.cat([m.new_ones(m.shape[0], a), m], dim=1)
                 ht = ht * m
             b = layer.bias.to(ht.dtype) if layer.bias is not None else None
-            return weight_cache.packed_linear(ht, wb[0], b) if packed else F.linear(ht, wb[0], b)
+            return weight_cache.matmul(ht, wb[0], b, packed)
     y = layer.rest(ht[:, :a]) if layer.rest is not None else None
     if layer.shared is not None:
         z = layer.shared(ht[:, a:a + layer.shared_width])

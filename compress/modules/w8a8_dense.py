@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from compress.metrics.timing import best_seconds
 from compress.modules import weight_cache
@@ -50,10 +49,8 @@ def forward(layer: Any, x: torch.Tensor, activation: str) -> torch.Tensor:
     from compress.quant import kernels
 
     b = weight_cache.cast(layer.bias, x.dtype)
-    if not torch.compiler.is_compiling() and weight_cache.use_packed(x):
-        y = weight_cache.packed_linear(x, weight(layer, x.dtype, packed=True), b)
-    else:
-        y = F.linear(x, weight(layer, x.dtype), b)
+    packed = weight_cache.use_packed(x)
+    y = weight_cache.matmul(x, weight(layer, x.dtype, packed), b, packed)
     return kernels.apply_activation(y, activation)
 
 

@@ -37,13 +37,6 @@ MAX_ELEMENTS = 1 << 19  # 512K weights (2 MB in fp32): the demo's layers, not a 
 DERIVED = ("_weight_cache", "_side_by_side", "_derived", "_derived_key", "_dense_w")
 
 
-def version(t: torch.Tensor) -> int:
-    """``t``'s in-place version counter, for keys of what is derived from it. Tensors made under
-    ``torch.inference_mode()`` (a model loaded inside it) have none: 0, and whatever changes
-    their contents in place in this package calls :func:`forget` on the layer."""
-    return 0 if t.is_inference() else t._version
-
-
 def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` in ``dtype`` (None stays None); no call into torch when it already is (a bias on
     every forward of a small layer: ``Tensor.to`` costs about a microsecond even as a no-op)."""
@@ -68,7 +61,9 @@ def _keeps(layer: torch.nn.Module) -> bool:
 
 def stamp(tensors: list | tuple) -> list:
     """What :func:`unchanged` compares later: each tensor (or None), its storage pointer and
-    its version counter (none for inference tensors, see :func:`version`)."""
+    its version counter. Tensors made under ``torch.inference_mode()`` (a model loaded inside
+    it) have no counter, and whatever changes their contents in place in this package calls
+    :func:`forget` on the layer."""
     return [None if t is None else (t, t.data_ptr(), None if t.is_inference() else t._version)
             for t in tensors]
 
@@ -124,9 +119,8 @@ def linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
     b = cast(bias, dtype)
     if not _keeps(layer):
         return F.linear(x, build(dtype), b)
-    if use_packed(x):
-        return packed_linear(x, _kept(layer, dtype, True, build), b)
-    return F.linear(x, _kept(layer, dtype, False, build), b)
+    packed = use_packed(x)
+    return matmul(x, _kept(layer, dtype, packed, build), b, packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +143,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                            "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+           packed: bool) -> torch.Tensor:
+    """x @ w^T + bias: ``w`` from :func:`pack` when ``packed``, else a plain [out, in] weight."""
+    return packed_linear(x, w, bias) if packed else F.linear(x, w, bias)
 
 
 def use_packed(x: torch.Tensor) -> bool:
