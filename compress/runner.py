@@ -127,6 +127,15 @@ def _weight_gemm(tr: nn.Module) -> dict:
     return {"kept_weight_gemm": used} if used else {}
 
 
+def _attention(tr: nn.Module) -> dict:
+    """Which attention form each shape of the evaluation ran (compress/modules/attention.py):
+    like the kept-weight GEMM, a kernel choice the original could make too."""
+    from compress.modules import attention
+
+    rows = attention.choices(tr)
+    return {"attention": rows} if rows else {}
+
+
 def step_latency_ms(handle, calib, repeats: int) -> float | None:
     from compress.metrics.timing import latency_ms_per_step
 
@@ -591,6 +600,9 @@ def run_recipe(
     handle.teacher = None
     tr = handle.transformer
     tr.eval()
+    from compress.modules import attention
+
+    attention.enable(tr)  # as compress.load_* do: the evaluation runs what the output will
     phase("passes")
     if dist is not None and not dist.is_main_process:
         # the other processes of a distributed run helped train; the main one evaluates and saves
@@ -649,7 +661,7 @@ def run_recipe(
                  "bytes": new_bytes, "bits_per_weight": new_bytes * 8 / orig_elems,
                  "compression_ratio": orig_bytes / max(new_bytes, 1)},
         "speed": {"latency_ms_per_step": latency, "baseline_latency_ms_per_step": base_latency,
-                  **_dense_w8a8(tr), **_weight_gemm(tr),
+                  **_dense_w8a8(tr), **_weight_gemm(tr), **_attention(tr),
                   "peak_rss_mb": peak_rss_mb(), "device": str(device), "cpu": cpu_model()},
         "quality": quality,
         **({"moe_load": moe_load} if moe_load else {}),

@@ -6,6 +6,11 @@ width 1152 (16 heads x 72). Quantised variants swap the nn.Linear layers inside 
 transformer blocks (self-attention, cross-attention, feed-forward); everything else stays in
 bf16.
 
+"ours-*" rows run attention as a loaded output does (compress/modules/attention.py: the matmul
+form at the shapes where it times faster than torch's fused kernel; the row
+"bf16-matmul-attention" is the original with the same choice, which is what of ours' gain is
+that kernel and not the bits; "ours-w8a8-dynamic-sdpa" is ours with torch's kernel).
+
 Timing: every variant is timed in alternation with the eager bf16 model kept in memory, and
 its "vs bf16" figure is the median of the per-pair ratios, so it compares runs made under the
 same machine load (other jobs on the box move absolute times a lot; paired ratios move much
@@ -37,6 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compress.modules import attention
 from compress.modules.int4 import Int4Linear
 from compress.modules.qlinear import QLinear
 from compress.modules.w8a8 import (
@@ -215,6 +221,14 @@ def v_ours_w8a8_static(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _ours_w8a8(master, "static")
 
 
+def v_ours_w8a8_dynamic_sdpa(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_w8a8(master, "dynamic")  # not enabled below: torch's attention kernel
+
+
+def v_bf16_matmul_attention(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return attention.enable(_bf16(master))
+
+
 def v_ours_w8a8_dynamic_unfused(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _ours_w8a8(master, "dynamic", fuse=False)
 
@@ -377,6 +391,10 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
     "torchao-int4-wo": (v_torchao_int4_wo, "torchao IntxWeightOnly int4, groups of 64"),
     "torchao-fp8-wo": (v_torchao_fp8_wo, "torchao Float8WeightOnly"),
     "ours-w8a8-dynamic": (v_ours_w8a8_dynamic, "W8A8Linear, per-token dynamic activations"),
+    "ours-w8a8-dynamic-sdpa": (v_ours_w8a8_dynamic_sdpa, (
+        "ours-w8a8-dynamic with torch's fused attention kernel everywhere")),
+    "bf16-matmul-attention": (v_bf16_matmul_attention, (
+        "bf16 eager with ours' attention choice (the kernel's share of ours' gain)")),
     "ours-w8a8-static": (v_ours_w8a8_static, "W8A8Linear, static per-tensor activations"),
     "ours-w8a8-dynamic-unfused": (
         v_ours_w8a8_dynamic_unfused, "as ours-w8a8-dynamic without the feed-forward fusion"),
@@ -478,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         master = build_model(blocks)
         bf16 = _bf16(master)
         partner = bf16 if args.pair_with == "bf16" else VARIANTS[args.pair_with][0](master, bf16)
+        if args.pair_with.startswith("ours-") and not args.pair_with.endswith("-sdpa"):
+            attention.enable(partner)
     pw = args.pair_with
     rows: list[dict[str, Any]] = []
     fp32_ms: float | None = None
@@ -487,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _quiet():
                 model = builder(master, bf16)
+            if name.startswith("ours-") and not name.endswith("-sdpa"):
+                attention.enable(model)  # as compress.load_* do (a no-op under compile)
         except ImportError as exc:  # an optional peer tool that is not installed
             print(f"  {name:26s} skipped: {exc} (pip install -e .[peers])", flush=True)
             continue
@@ -517,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     print()
+    print(f"# attention: {json.dumps(attention.choices())}")
     print(f"| variant | ms/step | vs fp32 | vs {pw} (paired) | weights MB | issue's figure |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

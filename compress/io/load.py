@@ -166,7 +166,9 @@ def _fill(module: torch.nn.Module, sd: dict[str, torch.Tensor], tdir: Path, devi
     for m in module.modules():  # weights packed once, here: torch.compile then traces no setup
         if isinstance(m, W8A8Linear):
             m.prepare()
-    return module
+    from compress.modules import attention
+
+    return attention.enable(module)  # the matmul form of attention where it times faster
 
 
 def _attach_lora(module: torch.nn.Module, manifest: dict) -> None:

@@ -1,0 +1,232 @@
+"""Attention as two matmuls and a softmax where that times faster than torch's fused kernel.
+
+On a CPU, torch's ``F.scaled_dot_product_attention`` runs a flash-attention kernel built for
+long sequences. At a DiT's shapes it is often the slower choice: on an AMD EPYC (Zen 4), 2
+threads, in bf16 at PixArt-XL's [2, 16, 256, 72] self-attention it took 3.9 ms against 1.5 ms
+for ``softmax(q k^T * scale) v`` computed one sample at a time with the softmax in place (the
+cross-attention over 120 text tokens: 2.1 against 1.2 ms); at the demo's fp32 shapes the fused
+kernel wins. So the choice is made per shape, by timing both forms once on the first call's own
+tensors (:func:`matmul_faster`), and the matmul form is taken only when it is at least 20%
+faster, so that a close call does not flip between runs (and with it the last bits of the
+outputs).
+
+This is a kernel choice, not a gain of the compression: the original model would gain the same
+from it. The report says which shapes ran which form (``speed.attention``).
+
+Scope. :func:`enable` puts it under one module (a compressed transformer, at load and in the
+run's evaluation): torch's ``F.scaled_dot_product_attention`` is replaced once per process by
+:func:`_dispatch`, which runs torch's own function unless the current thread is inside the
+forward of an enabled module (a thread-local depth kept by forward hooks), so other models and
+other threads are untouched. It applies only where the matmul form computes the same thing:
+CPU tensors of four dimensions, one floating dtype, no autograd, no dropout, not causal, no
+grouped heads, no mask or an additive float mask. Under ``torch.compile`` torch's function is
+traced as it is (the compiled graph is unchanged). ``DIT_COMPRESS_ATTENTION=auto|sdpa|matmul``
+forces the choice.
+
+The softmax sees the scores in the input dtype (bf16 rounds them before the softmax, as
+diffusers' classic attention processor does); torch's fused kernel keeps them in fp32. The
+report's quality figures are measured on what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, kept before any replacement
+_LOCAL = threading.local()
+_CHOICE: dict[tuple, bool] = {}
+_TIMES: dict[tuple, tuple[float, float]] = {}
+CHUNK_BYTES = 4 << 20  # scores computed in pieces of at most this size (heads of one sample)
+MARGIN = 0.8  # the matmul form must take at most this fraction of the fused kernel's time
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + attn_mask) v`` for [B, H, N, D] inputs, one sample and a few
+    heads at a time (scores of at most ``CHUNK_BYTES``), the softmax in place. The output has
+    the fused kernel's layout (heads inner: ``out.transpose(1, 2)`` is contiguous), so the
+    usual ``transpose(1, 2).reshape(B, N, H * D)`` that follows is free."""
+    b, h, n, _ = q.shape
+    m, dv = k.shape[2], v.shape[-1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty(b, n, h, dv, dtype=q.dtype, device=q.device).transpose(1, 2)
+    mask = None if attn_mask is None else attn_mask.expand(b, h, n, m)
+    step = max(1, min(h, CHUNK_BYTES // max(1, n * m * q.element_size())))
+    softmax_ = torch.ops.aten._softmax.out
+    for i in range(b):
+        for j in range(0, h, step):
+            hs = slice(j, j + step)
+            s = torch.matmul(q[i, hs], k[i, hs].transpose(-1, -2))
+            s.mul_(scale)
+            if mask is not None:
+                s.add_(mask[i, hs])
+            softmax_(s, -1, False, out=s)
+            out[i, hs] = torch.matmul(s, v[i, hs])
+    return out
+
+
+def _forced() -> str:
+    return os.environ.get("DIT_COMPRESS_ATTENTION", "auto").strip().lower()
+
+
+def _handled(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
+    """Whether the matmul form computes what torch's function would for these arguments."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.device.type != "cpu":
+        return False
+    if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if dropout_p or is_causal or enable_gqa:
+        return False
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if attn_mask is not None:
+        if attn_mask.dtype != q.dtype or attn_mask.device != q.device or attn_mask.dim() > 4:
+            return False
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (*q.shape[:3], k.shape[2]))
+        except RuntimeError:
+            return False
+    return True
+
+
+def _key(q, k, v, attn_mask) -> tuple:
+    return (q.dtype, tuple(q.shape), tuple(k.shape), v.shape[-1],
+            None if attn_mask is None else tuple(attn_mask.shape))
+
+
+def matmul_faster(q, k, v, attn_mask=None, scale=None, key: tuple | None = None) -> bool:
+    """One timing per shape (this call's own tensors): the matmul form against torch's fused
+    kernel, taken when it is at least 20% faster and agrees with it."""
+    key = _key(q, k, v, attn_mask) if key is None else key
+    hit = _CHOICE.get(key)
+    if hit is not None:
+        return hit
+    forced = _forced()
+    if forced in ("sdpa", "matmul"):
+        hit = forced == "matmul"
+    else:
+        hit = _decide(key, q, k, v, attn_mask, scale)
+    _CHOICE[key] = hit
+    return hit
+
+
+def _decide(key, q, k, v, attn_mask, scale) -> bool:
+    from compress.metrics.timing import best_seconds_alternated
+
+    def fused():
+        return _TORCH_SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    def mm():
+        return matmul_attention(q, k, v, attn_mask, scale)
+
+    try:
+        ref, got = fused().float(), mm().float()
+        tol = 1e-4 if q.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item())):
+            log.info("attention %s: the matmul form disagrees with torch's; torch's", key)
+            return False
+        t_fused, t_mm = best_seconds_alternated([fused, mm], rounds=2, repeats=2)
+    except Exception as e:  # noqa: BLE001  (any failure: torch's own function, which works)
+        log.info("attention probe failed (%s); torch's kernel", e)
+        return False
+    _TIMES[key] = (t_fused, t_mm)
+    choice = t_mm < MARGIN * t_fused
+    log.info("attention %s: %s (%.0f vs %.0f us)", key,
+             "matmul form" if choice else "torch's kernel", t_mm * 1e6, t_fused * 1e6)
+    return choice
+
+
+def _dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+    """Stands in for ``F.scaled_dot_product_attention``: torch's own unless inside an enabled
+    module's forward (this thread), eager, and :func:`matmul_faster` for these shapes."""
+    if (not torch.compiler.is_compiling() and getattr(_LOCAL, "depth", 0)
+            and _handled(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)):
+        k = _key(query, key, value, attn_mask)
+        _LOCAL.used.add(k)
+        if matmul_faster(query, key, value, attn_mask, scale, key=k):
+            return matmul_attention(query, key, value, attn_mask, scale)
+    return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                       is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+_dispatch.__doc__ = (_dispatch.__doc__ or "") + "\n\ntorch's documentation:\n" + (
+    _TORCH_SDPA.__doc__ or "")
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install() -> None:
+    with _INSTALL_LOCK:
+        if F.scaled_dot_product_attention is not _dispatch:
+            F.scaled_dot_product_attention = _dispatch
+
+
+def _enter(module, args):
+    if not torch.compiler.is_compiling():
+        depth = getattr(_LOCAL, "depth", 0)
+        if not depth:  # the outermost enabled module records the shapes its forward ran
+            _LOCAL.used = module.__dict__.setdefault("_dit_compress_attention_used", set())
+        _LOCAL.depth = depth + 1
+
+
+def _leave(module, args, *rest):
+    if not torch.compiler.is_compiling():
+        _LOCAL.depth = max(0, getattr(_LOCAL, "depth", 0) - 1)
+
+
+def enable(module: torch.nn.Module) -> torch.nn.Module:
+    """Let attention inside ``module``'s forward take the matmul form where it times faster
+    (idempotent). Returns ``module``."""
+    if module.__dict__.get("_dit_compress_attention") is not None:
+        return module
+    _install()
+    module.__dict__["_dit_compress_attention"] = (
+        module.register_forward_pre_hook(_enter),
+        module.register_forward_hook(_leave, always_call=True),
+    )
+    return module
+
+
+def disable(module: torch.nn.Module) -> None:
+    """Undo :func:`enable` on ``module`` (torch's function everywhere in it again)."""
+    handles = module.__dict__.pop("_dit_compress_attention", None)
+    for h in handles or ():
+        h.remove()
+
+
+def reset_choices() -> None:
+    """Forget the per-shape decisions (tests; a changed ``DIT_COMPRESS_ATTENTION``)."""
+    _CHOICE.clear()
+    _TIMES.clear()
+
+
+def choices(module: torch.nn.Module | None = None) -> list[dict]:
+    """The decisions made so far in this process (or for the shapes ``module``'s forwards
+    ran, when given), for the speed report."""
+    rows = []
+    keys = _CHOICE if module is None else module.__dict__.get("_dit_compress_attention_used", ())
+    for key in sorted(keys, key=str):
+        mm = _CHOICE.get(key)
+        if mm is None:
+            continue
+        dtype, qs, ks, _dv, ms = key
+        t = _TIMES.get(key)
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "q": list(qs), "k": list(ks),
+                     "mask": ms is not None, "kernel": "matmul" if mm else "sdpa",
+                     **({"us": {"sdpa": round(t[0] * 1e6, 1), "matmul": round(t[1] * 1e6, 1)}}
+                        if t else {})})
+    return rows
