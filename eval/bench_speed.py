@@ -242,7 +242,7 @@ def v_ours_w8a8_static_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, W8A8Linear):
             m.prepare()  # the packed weight must exist before tracing (freezing folds it in)
-    return _compiled(model, freeze=True)
+    return _compiled(attention.enable(model), freeze=True)
 
 
 def _with_lora(model: nn.Module, names: list[str], rank: int = 16) -> nn.Module:
@@ -273,12 +273,22 @@ def v_ours_w8a8_dynamic_lora16(master: nn.Module, bf16: nn.Module) -> nn.Module:
     return _with_lora(model, block_linears(master))
 
 
-def v_ours_w8a8_dynamic_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
+def _ours_w8a8_compiled(master: nn.Module, attn: bool) -> nn.Module:
     model = _ours_w8a8(master, "dynamic")
     for m in model.modules():
         if isinstance(m, W8A8Linear):
             m.prepare()
+    if attn:  # before compiling: the trace then holds dit_compress::attention
+        attention.enable(model)
     return _compiled(model, freeze=True)
+
+
+def v_ours_w8a8_dynamic_compile(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_w8a8_compiled(master, attn=True)
+
+
+def v_ours_w8a8_dynamic_compile_sdpa(master: nn.Module, bf16: nn.Module) -> nn.Module:
+    return _ours_w8a8_compiled(master, attn=False)
 
 
 def v_ours_int4(master: nn.Module, bf16: nn.Module) -> nn.Module:
@@ -402,6 +412,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module, nn.Module], nn.Module], str]] = {
         v_ours_w8a8_static_unfused, "as ours-w8a8-static without the feed-forward fusion"),
     "ours-w8a8-dynamic-compile": (
         v_ours_w8a8_dynamic_compile, "W8A8Linear dynamic (the recipes' mode), torch.compile + freezing"),
+    "ours-w8a8-dynamic-compile-sdpa": (
+        v_ours_w8a8_dynamic_compile_sdpa, "ours-w8a8-dynamic-compile with torch's fused attention"),
     "ours-w8a8-static-compile": (
         v_ours_w8a8_static_compile, "W8A8Linear static, torch.compile + freezing"),
     "bf16-lora16": (v_bf16_lora16, "bf16 eager + a rank-16 LoRA on every block Linear (PEFT)"),
@@ -507,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _quiet():
                 model = builder(master, bf16)
-            if name.startswith("ours-") and not name.endswith("-sdpa"):
-                attention.enable(model)  # as compress.load_* do (a no-op under compile)
+            if (name.startswith("ours-") and not name.endswith("-sdpa")
+                    and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)):
+                attention.enable(model)  # as compress.load_* do (compiled ones: before compiling)
         except ImportError as exc:  # an optional peer tool that is not installed
             print(f"  {name:26s} skipped: {exc} (pip install -e .[peers])", flush=True)
             continue

@@ -58,11 +58,13 @@ def main() -> int:
         for k, tr in models.items():
             times[k].append(once(tr))
     from compress.metrics.timing import cpu_model
-    from compress.modules import weight_cache
+    from compress.modules import attention, weight_cache
 
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, {a.rounds} rounds of {a.calls} calls")
     # part of an output's speed may be the kernel its kept weights chose, not its bits
     print(f"kept-weight GEMM: {weight_cache.packed_choices() or 'none used'}")
+    att = [(r["q"], r["k"], r["kernel"], r.get("us")) for r in attention.choices()]
+    print(f"attention (outputs only): {att or 'none seen'}")
     base = times["original"]
     for k, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, base))

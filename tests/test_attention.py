@@ -173,18 +173,34 @@ def test_auto_is_timed_once_per_shape(monkeypatch):
     assert len(n) == 2 and attention.choices(mod)[0]["kernel"] == "sdpa"
 
 
-def test_compiles_without_graph_breaks(monkeypatch):
+@pytest.mark.parametrize("mask,forced", [(False, "matmul"), (True, "matmul"), (True, "sdpa")])
+def test_compiled_enabled_module_runs_the_operator(monkeypatch, mask, forced):
+    """Compiled: no graph break, the matmul form through dit_compress::attention inside an
+    enabled module (its fake's layout is what the real one returns), torch's kernel outside."""
     import torch._dynamo as dynamo
 
-    monkeypatch.setenv("DIT_COMPRESS_ATTENTION", "matmul")
-    mod = attention.enable(_Attn())
+    monkeypatch.setenv("DIT_COMPRESS_ATTENTION", forced)
+    calls = _spy(monkeypatch)
+    mod, other = attention.enable(_Attn()), _Attn()
     q, k, v = _qkv(torch.float32)
+    ran = 1 if forced == "matmul" else 0  # the operator runs torch's kernel when told to
+    m = torch.randn(2, 1, 1, 7) if mask else None
+    ref = attention._TORCH_SDPA(q, k, v, attn_mask=m)
     dynamo.reset()
     with torch.no_grad():
-        ex = dynamo.explain(mod)(q, k, v)
-        assert ex.graph_break_count == 0
-        out = torch.compile(mod, fullgraph=True, backend="eager")(q, k, v)
-    assert (out - attention._TORCH_SDPA(q, k, v)).abs().max() < 1e-5
+        assert dynamo.explain(mod)(q, k, v, m).graph_break_count == 0
+        dynamo.reset()
+        n = len(calls)
+        out = torch.compile(mod, fullgraph=True, backend="aot_eager")(q, k, v, m)
+        assert len(calls) == n + ran and (out - ref).abs().max() < 1e-5
+        # the operator's layout, and what compiled code does after it (a reshape), agree
+        twice = torch.compile(lambda *a: mod(*a).transpose(1, 2).reshape(2, 10, -1) * 2,
+                              fullgraph=True, backend="aot_eager")(q, k, v, m)
+        assert (twice - ref.transpose(1, 2).reshape(2, 10, -1) * 2).abs().max() < 1e-5
+        n = len(calls)
+        out = torch.compile(other, fullgraph=True, backend="aot_eager")(q, k, v, m)
+        assert len(calls) == n and (out - ref).abs().max() < 1e-6
+    assert attention._TRACED == 0
 
 
 def test_report_names_the_attention_form(tiny_pipeline_dir, tmp_path, monkeypatch):
