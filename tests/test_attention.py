@@ -227,3 +227,28 @@ def test_report_names_the_attention_form(tiny_pipeline_dir, tmp_path, monkeypatc
     images = load_model(str(tiny_pipeline_dir("pixart"))).adapter.generate(
         pipe, ev["prompts"], ev["seeds"], ev["steps"], ev["guidance"], ev["resolution"])
     assert np.array_equal(images, rep["_student_images"])
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux", "sana"])
+def test_every_family_samples_the_same_with_either_form(family, tiny_pipeline_dir, monkeypatch):
+    """Masks (PixArt's and Sana's caption masks), joint attention (SD3, FLUX through diffusers'
+    dispatcher), linear self-attention (Sana): the matmul form gives the fused kernel's images."""
+    import numpy as np
+
+    from compress.models import load_model
+
+    handle = load_model(str(tiny_pipeline_dir(family)))
+    calls = _spy(monkeypatch)
+
+    def images(forced: str):
+        monkeypatch.setenv("DIT_COMPRESS_ATTENTION", forced)
+        attention.reset_choices()
+        return handle.adapter.generate(handle.pipeline, ["a red circle", "a blue square"],
+                                       [0, 1], 3, None, None)
+
+    attention.enable(handle.transformer)
+    ref = images("sdpa")
+    assert calls == []
+    got = images("matmul")
+    assert calls, "no attention call took the matmul form"
+    assert np.abs(got - ref).max() < 1e-4
