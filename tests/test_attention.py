@@ -252,3 +252,30 @@ def test_every_family_samples_the_same_with_either_form(family, tiny_pipeline_di
     got = images("matmul")
     assert calls, "no attention call took the matmul form"
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_compile_repeated_blocks_holds_the_operator(tiny_pipeline_dir, monkeypatch):
+    """diffusers' compile_repeated_blocks compiles each block on its own: the blocks carry the
+    hooks, so their compiled code runs the matmul form too (and nothing recompiles)."""
+    import numpy as np
+    import torch._dynamo as dynamo
+
+    from compress.models import load_model
+
+    monkeypatch.setenv("DIT_COMPRESS_ATTENTION", "matmul")
+    handle = load_model(str(tiny_pipeline_dir("flux")))
+    tr = attention.enable(handle.transformer)
+
+    def images():
+        return handle.adapter.generate(handle.pipeline, ["a red circle"], [0], 2, None, None)
+
+    ref = images()
+    calls = _spy(monkeypatch)
+    dynamo.reset()
+    tr.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    got = images()
+    n = len(calls)
+    assert n > 0 and np.abs(got - ref).max() < 1e-4
+    assert attention._TRACED == 0
+    attention.disable(tr)
+    assert all(not m._forward_pre_hooks for m in tr.modules())

@@ -29,8 +29,9 @@ kernel nor generates its own softmax over the bf16 scores (slower here: a 4-bloc
 step compiled ran 0.68x of eager bf16 with the matmul form traced as plain operations, 0.59x
 with the operator, 0.64x with torch's kernel). Whether the trace is inside an enabled module
 is a plain global the forward hooks raise while dynamo traces them (dynamo follows its
-changes within the traced frame); a module compiled block by block
-(``compile_repeated_blocks``) keeps torch's kernel in its compiled blocks.
+changes within the traced frame). The blocks diffusers compiles one by one
+(``compile_repeated_blocks``, the classes a model lists in ``_repeated_blocks``) carry the same
+hooks, so their compiled code holds the operator too.
 
 The softmax sees the scores in the input dtype (bf16 rounds them before the softmax, as
 diffusers' classic attention processor does); torch's fused kernel keeps them in fp32. The
@@ -234,10 +235,12 @@ def enable(module: torch.nn.Module) -> torch.nn.Module:
     if module.__dict__.get("_dit_compress_attention") is not None:
         return module
     _install()
-    module.__dict__["_dit_compress_attention"] = (
-        module.register_forward_pre_hook(_enter),
-        module.register_forward_hook(_leave, always_call=True),
-    )
+    repeated = set(getattr(module, "_repeated_blocks", None) or ())
+    hosts = [module, *(m for m in module.modules()
+                       if m is not module and type(m).__name__ in repeated)]
+    module.__dict__["_dit_compress_attention"] = [
+        h for m in hosts for h in (m.register_forward_pre_hook(_enter),
+                                   m.register_forward_hook(_leave, always_call=True))]
     return module
 
 
