@@ -444,3 +444,29 @@ def test_distill_with_lora_trains_the_routers_in_full(tiny_pipeline_dir, tmp_pat
     start = compress.load_pipeline(tmp_path / "untrained").transformer
     first = next(m for m in start.modules() if isinstance(m, moe.MoEIn))
     assert not torch.equal(first.router.weight, pair.router.weight)  # the router learned
+
+
+def test_per_sample_start_finds_the_block_that_changes_nothing(tmp_path, monkeypatch):
+    """route_blocks start: per_sample measures, per calibration sample, what skipping each
+    block alone does to the output and fits the routers to it: a block made an identity (its
+    output layers zeroed) is the one every sample skips, and the fitted router says so."""
+    from tiny_pipelines import build_tiny_pipeline
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    pipe = build_tiny_pipeline("pixart", seed=0)
+    blk = pipe.transformer.transformer_blocks[1]
+    with torch.no_grad():
+        for lin in (blk.attn1.to_out[0], blk.attn2.to_out[0], blk.ff.net[2]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    src = tmp_path / "src"
+    pipe.save_pretrained(src)
+    rec = {"name": "r", **TINY, "eval": {**TINY["eval"], "enabled": False},
+           "passes": [{"route_blocks": {"group": 2, "keep": 1, "start": "per_sample",
+                                        "calib_samples": 4}}]}
+    rep = compress.run_recipe(rec, str(src), None)
+    fit = rep["passes"][0]["per_sample_fit"]
+    first = fit["transformer_blocks.0,transformer_blocks.1"]
+    assert first["rows"] > 0 and first["best_skip_share"] == [0.0, 1.0]
+    assert first["fit_agrees"] == 1.0 and first["static_agrees"] == 1.0
+    assert all(sum(v["best_skip_share"]) == pytest.approx(1.0) for v in fit.values())

@@ -30,6 +30,8 @@ class BlockGroup:
         self.size, self.keep, self.router, self.ctx = size, keep, router, ctx
         self.time_dims = time_dims
         self.explore = False  # Gumbel noise on the choice (distill turns it on while training)
+        self.forced: list[int] | None = None  # positions every sample skips (route_blocks' fit)
+        self.seen: list[torch.Tensor] | None = None  # router inputs recorded (route_blocks' fit)
         self.rows: list[torch.Tensor] = []
         self.gate: list[torch.Tensor] = []
         self.batch = 0
@@ -37,7 +39,9 @@ class BlockGroup:
         self.runs = torch.zeros(GROUPS, size, dtype=torch.float64)
         self.samples = torch.zeros(GROUPS, dtype=torch.float64)
 
-    def decide(self, x: torch.Tensor) -> None:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The router's input for each sample (token mean of ``x``, then the timestep's
+        features), and the samples' timesteps in [0, 1] (None if unknown)."""
         b = x.shape[0]
         feats = x.reshape(b, -1, x.shape[-1]).float().mean(1)
         t = self.ctx.t if self.ctx is not None else None
@@ -46,7 +50,18 @@ class BlockGroup:
         if self.time_dims:
             tt = t if t is not None else torch.zeros(b)
             feats = torch.cat([feats, time_features(tt.to(x.device))], dim=1)
-        logits = self.router(feats.to(self.router.weight.dtype)).float()
+        return feats, t
+
+    def decide(self, x: torch.Tensor) -> None:
+        b = x.shape[0]
+        feats, t = self.features(x)
+        if self.seen is not None:
+            self.seen.append(feats.detach())
+        if self.forced is not None:  # route_blocks' fit: every sample skips these positions
+            logits = torch.zeros(b, self.size, device=x.device)
+            logits[:, self.forced] = -1.0
+        else:
+            logits = self.router(feats.to(self.router.weight.dtype)).float()
         probs = logits.softmax(-1)
         pick = logits
         if self.explore and torch.is_grad_enabled():

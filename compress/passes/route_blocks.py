@@ -13,6 +13,7 @@ passes its inputs through; a run block sees only the samples that chose it. Runt
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,10 @@ class Config(StrictModel):
     start_strength: float = Field(0.5, ge=0, le=100, description="router bias at the start: "
                                   "this times each block's influence z-score in its group "
                                   "(0: no preference)")
+    start: Literal["influence", "per_sample"] = Field(
+        "influence", description="the routers' starting choice: every sample keeps its group's "
+        "most influential blocks (influence), or a least-squares fit of each router to which "
+        "block's skip changed each calibration sample's output least (per_sample)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -179,17 +184,90 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             g.router.bias.copy_(cfg.start_strength * z)
             start[",".join(names_g)] = [names_g[i] for i in
                                         torch.topk(z, cfg.keep).indices.sort().values.tolist()]
+    fit = _fit_per_sample(handle, samples, grps, groups, cfg) if cfg.start == "per_sample" \
+        else None
     block_params = {n: sum(p.numel() for p in tr.get_submodule(n).parameters()) for n in names}
     report = {"group": cfg.group, "keep": cfg.keep, "groups": len(groups), "always_run": rest,
               "router_timestep": cfg.router_timestep,
               "influence": {n: round(v, 6) for n, v in influence.items()},
               "starting_choice": start,
               "routed_block_params": sum(block_params.values()),
+              **({"per_sample_fit": fit} if fit is not None else {}),
               "seconds": round(time.perf_counter() - t0, 3)}
     meta = {"groups": groups, "keep": cfg.keep, "templates": templates, "dim": dim,
             "router_timestep": cfg.router_timestep,
             "time": {"name": t_name, "position": t_pos, "scale": scale}}
     return PassResult(meta=meta, report=report)
+
+
+def _outputs(handle, samples, grps, skip: tuple[int, int] | None) -> list[torch.Tensor]:
+    """The transformer's outputs on ``samples`` with every block run, or with group
+    ``skip[0]`` skipping its block ``skip[1]`` for every sample (the rest all run)."""
+    tr, ad = handle.transformer, handle.adapter
+    dev = handle.run.get("device", "cpu")
+    outs = []
+    for gi, g in enumerate(grps):
+        g.keep, g.forced = g.size, []
+        if skip is not None and gi == skip[0]:
+            g.keep, g.forced = g.size - 1, [skip[1]]
+    with torch.no_grad():
+        for i in range(len(samples)):
+            outs.append(ad.call(tr, *_args(samples.sample(i).to(dev))).float())
+    return outs
+
+
+def _args(s) -> tuple:
+    return s.args, s.kwargs
+
+
+def _fit_per_sample(handle, samples, grps, groups, cfg: Config) -> dict:
+    """Each router fitted by ridge least squares from its inputs to the z-score, over its
+    group's blocks, of how much skipping each block alone changes the sample's output (the
+    more it changes, the higher the block's logit): every sample starts on the blocks it
+    needs most, as measured, and the distillation refines from there. One forward per
+    calibration call, group and block."""
+    keeps = [g.keep for g in grps]
+    try:
+        for g in grps:
+            g.seen = []
+        ref = _outputs(handle, samples, grps, None)
+        feats = [torch.cat(g.seen).float() for g in grps]
+        for g in grps:
+            g.seen = None
+        stats = {}
+        for gi, (g, names_g) in enumerate(zip(grps, groups)):
+            err = torch.stack([torch.cat([
+                (o - r).pow(2).reshape(r.shape[0], -1).mean(1)
+                for o, r in zip(_outputs(handle, samples, grps, (gi, j)), ref)])
+                for j in range(g.size)], dim=1)  # [rows, size]
+            z = (err - err.mean(1, keepdim=True)) / err.std(1, keepdim=True).clamp_min(1e-12)
+            x = feats[gi]
+            if x.shape[0] != z.shape[0]:
+                raise UserError("route_blocks: the router saw a different number of samples "
+                                "than the outputs hold; use start: influence")
+            mu = x.mean(0)
+            xc = x - mu
+            gram = xc.T @ xc
+            lam = 1e-2 * float(gram.diagonal().mean()) + 1e-8
+            w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0]), xc.T @ z)  # [F, size]
+            target = cfg.start_strength * z
+            with torch.no_grad():
+                g.router.weight.copy_((cfg.start_strength * w.T).to(g.router.weight.dtype))
+                g.router.bias.copy_((target.mean(0) - cfg.start_strength * (mu @ w))
+                                    .to(g.router.bias.dtype))
+                fitted = g.router(x.to(g.router.weight.dtype)).float()
+            best = err.argmin(1)  # the block each sample could skip most cheaply
+            common = torch.bincount(best, minlength=g.size).argmax()
+            stats[",".join(names_g)] = {
+                "rows": int(x.shape[0]),
+                "best_skip_share": [round(float((best == j).float().mean()), 4)
+                                    for j in range(g.size)],
+                "fit_agrees": round(float((fitted.argmin(1) == best).float().mean()), 4),
+                "static_agrees": round(float((best == common).float().mean()), 4)}
+    finally:
+        for g, k in zip(grps, keeps):
+            g.keep, g.forced, g.seen = k, None, None
+    return stats
 
 
 def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
