@@ -279,3 +279,21 @@ def test_compile_repeated_blocks_holds_the_operator(tiny_pipeline_dir, monkeypat
     assert attention._TRACED == 0
     attention.disable(tr)
     assert all(not m._forward_pre_hooks for m in tr.modules())
+
+
+def test_a_deep_copy_is_enabled_and_disables_on_its_own(monkeypatch):
+    import copy
+
+    monkeypatch.setenv("DIT_COMPRESS_ATTENTION", "matmul")
+    calls = _spy(monkeypatch)
+    mod = attention.enable(_Attn())
+    twin = copy.deepcopy(mod)
+    attention.disable(twin)
+    q, k, v = _qkv(torch.float32)
+    with torch.no_grad():
+        twin(q, k, v)
+        assert calls == []
+        mod(q, k, v)
+        assert len(calls) == 1
+    attention.enable(mod)  # idempotent: one pair of hooks
+    assert len(mod._forward_pre_hooks) == 1 and len(mod._forward_hooks) == 1

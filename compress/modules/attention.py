@@ -250,26 +250,36 @@ def _leave(module, args, *rest):
         _LOCAL.depth = max(0, getattr(_LOCAL, "depth", 0) - 1)
 
 
+def _hosts(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and the blocks diffusers compiles one by one inside it."""
+    repeated = set(getattr(module, "_repeated_blocks", None) or ())
+    return [module, *(m for m in module.modules()
+                      if m is not module and type(m).__name__ in repeated)]
+
+
+def enabled(module: torch.nn.Module) -> bool:
+    return _enter in module._forward_pre_hooks.values()
+
+
 def enable(module: torch.nn.Module) -> torch.nn.Module:
     """Let attention inside ``module``'s forward take the matmul form where it times faster
-    (idempotent). Returns ``module``."""
-    if module.__dict__.get("_dit_compress_attention") is not None:
-        return module
+    (idempotent; the hooks are found by identity, so a deep copy of an enabled module is
+    enabled and disables on its own). Returns ``module``."""
     _install()
-    repeated = set(getattr(module, "_repeated_blocks", None) or ())
-    hosts = [module, *(m for m in module.modules()
-                       if m is not module and type(m).__name__ in repeated)]
-    module.__dict__["_dit_compress_attention"] = [
-        h for m in hosts for h in (m.register_forward_pre_hook(_enter),
-                                   m.register_forward_hook(_leave, always_call=True))]
+    for m in _hosts(module):
+        if not enabled(m):
+            m.register_forward_pre_hook(_enter)
+            m.register_forward_hook(_leave, always_call=True)
     return module
 
 
 def disable(module: torch.nn.Module) -> None:
     """Undo :func:`enable` on ``module`` (torch's function everywhere in it again)."""
-    handles = module.__dict__.pop("_dit_compress_attention", None)
-    for h in handles or ():
-        h.remove()
+    for m in _hosts(module):
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for hid in [i for i, f in hooks.items() if f is _enter or f is _leave]:
+                del hooks[hid]
+                m._forward_hooks_always_called.pop(hid, None)
 
 
 def reset_choices() -> None:
