@@ -212,12 +212,9 @@ def _outputs(handle, samples, grps, skip: tuple[int, int] | None) -> list[torch.
             g.keep, g.forced = g.size - 1, [skip[1]]
     with torch.no_grad():
         for i in range(len(samples)):
-            outs.append(ad.call(tr, *_args(samples.sample(i).to(dev))).float())
+            s = samples.sample(i).to(dev)
+            outs.append(ad.call(tr, s.args, s.kwargs).float())
     return outs
-
-
-def _args(s) -> tuple:
-    return s.args, s.kwargs
 
 
 def _fit_per_sample(handle, samples, grps, groups, cfg: Config) -> dict:
@@ -249,7 +246,8 @@ def _fit_per_sample(handle, samples, grps, groups, cfg: Config) -> dict:
             xc = x - mu
             gram = xc.T @ xc
             lam = 1e-2 * float(gram.diagonal().mean()) + 1e-8
-            w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0]), xc.T @ z)  # [F, size]
+            eye = torch.eye(gram.shape[0], device=gram.device)
+            w = torch.linalg.solve(gram + lam * eye, xc.T @ z.to(gram.device))  # [F, size]
             target = cfg.start_strength * z
             with torch.no_grad():
                 g.router.weight.copy_((cfg.start_strength * w.T).to(g.router.weight.dtype))
