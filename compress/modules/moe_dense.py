@@ -90,13 +90,11 @@ def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: in
     params = [m._parameters if type(m) is nn.Linear else {} for m in mods]
     tensors = [d.get("weight") for d in params] + [d.get("bias") for d in params]
     hit = layer.__dict__.get("_side_by_side")
-    if (hit is not None and hit[0][0] == dtype and hit[0][1] == packed
-            and weight_cache.unchanged(hit[0][2], tensors)):
-        return hit[1]
+    if weight_cache.valid(hit, dtype, packed, tensors):
+        return hit[3]
     if (any(d.get("weight") is None for d in params)
             or sum(d["weight"].numel() for d in params) > weight_cache.MAX_ELEMENTS):
         return None
-    key = (dtype, packed, weight_cache.stamp(tensors))
     with torch.no_grad():
         if dim == 0:
             w = torch.cat([c for p in range(parts) for m in mods
@@ -108,7 +106,7 @@ def _side_by_side(layer: Any, mods: list[nn.Module], dtype: torch.dtype, dim: in
         w = w.to(dtype).contiguous()
         w = weight_cache.pack(w) if packed else w
         b = b.to(dtype) if b is not None else None
-    layer.__dict__["_side_by_side"] = (key, (w, b))
+    layer.__dict__["_side_by_side"] = (dtype, packed, weight_cache.stamp(tensors), (w, b))
     return w, b
 
 

@@ -83,8 +83,8 @@ def unchanged(st: list | None, tensors: list | tuple) -> bool:
     return True
 
 
-def _valid(hit: tuple | None, dtype: torch.dtype, packed: bool, buffers: list) -> bool:
-    """Whether a kept entry ``(dtype, packed, stamp, tensor)`` still holds for ``buffers``."""
+def valid(hit: tuple | None, dtype: torch.dtype, packed: bool, buffers: list) -> bool:
+    """Whether a kept entry ``(dtype, packed, stamp, value)`` still holds for ``buffers``."""
     return (hit is not None and hit[0] == dtype and hit[1] == packed
             and unchanged(hit[2], buffers))
 
@@ -93,7 +93,7 @@ def _kept(layer: torch.nn.Module, dtype: torch.dtype, packed: bool,
           build: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
     buffers = [t for t in layer._buffers.values() if t is not None]
     hit = layer.__dict__.get("_weight_cache")
-    if _valid(hit, dtype, packed, buffers):
+    if valid(hit, dtype, packed, buffers):
         return hit[3]
     w = build(dtype)
     if packed:
