@@ -175,24 +175,25 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     device, dtype = _weight(tr)
     grps = mob.install(tr, groups, cfg.keep, templates, dim, cfg.router_timestep, ctx,
                        device=device, dtype=dtype)
-    start = {}
-    with torch.no_grad():
-        for g, names_g in zip(grps, groups):
-            v = torch.tensor([influence[n] for n in names_g])
-            z = (v - v.mean()) / v.std().clamp_min(1e-12)
-            g.router.weight.zero_()
-            g.router.bias.copy_(cfg.start_strength * z)
-            start[",".join(names_g)] = [names_g[i] for i in
-                                        torch.topk(z, cfg.keep).indices.sort().values.tolist()]
-    fit = _fit_per_sample(handle, samples, grps, groups, cfg) if cfg.start == "per_sample" \
-        else None
+    if cfg.start == "per_sample":  # the fit sets every router's weights and bias
+        start = {"per_sample_fit": _fit_per_sample(handle, samples, grps, groups, cfg)}
+    else:
+        choice = {}
+        with torch.no_grad():
+            for g, names_g in zip(grps, groups):
+                v = torch.tensor([influence[n] for n in names_g])
+                z = (v - v.mean()) / v.std().clamp_min(1e-12)
+                g.router.weight.zero_()
+                g.router.bias.copy_(cfg.start_strength * z)
+                choice[",".join(names_g)] = [
+                    names_g[i] for i in torch.topk(z, cfg.keep).indices.sort().values.tolist()]
+        start = {"starting_choice": choice}
     block_params = {n: sum(p.numel() for p in tr.get_submodule(n).parameters()) for n in names}
     report = {"group": cfg.group, "keep": cfg.keep, "groups": len(groups), "always_run": rest,
               "router_timestep": cfg.router_timestep,
               "influence": {n: round(v, 6) for n, v in influence.items()},
-              "starting_choice": start,
+              **start,
               "routed_block_params": sum(block_params.values()),
-              **({"per_sample_fit": fit} if fit is not None else {}),
               "seconds": round(time.perf_counter() - t0, 3)}
     meta = {"groups": groups, "keep": cfg.keep, "templates": templates, "dim": dim,
             "router_timestep": cfg.router_timestep,
