@@ -473,3 +473,42 @@ def test_load_lora_on_a_module_without_parameters():
     # alpha defaults to the rank: scaling 1, times the strength 0.5
     want = y0 + 0.5 * (m.norm(x) @ a.t()) @ b.t()
     assert (y1 - want).abs().max() < 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_int8_down_projection_on_the_layers_codes_follows_the_adapter(smooth, monkeypatch):
+    """The branch's x A^T from a dynamic W8A8 layer's int8 input codes: within 8-bit rounding
+    of the float branch, smoothing folded into A, re-quantised when the adapter changes."""
+    from compress.lora import int8_down
+    from compress.modules.w8a8 import W8A8Linear
+
+    monkeypatch.setenv("DIT_COMPRESS_LORA_DOWN", "int8")
+    int8_down.int8_faster.cache_clear()
+    install()
+    try:
+        lin = _linear(64, 48)
+        s = torch.rand(64) + 0.5 if smooth else None
+        net = nn.Sequential(W8A8Linear.from_linear(lin, smooth=s))
+        net.register_parameter("anchor", nn.Parameter(torch.zeros(1)))
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["0"],
+                                           init_lora_weights=False), net)
+        wrapped = net[0]
+        x = torch.randn(40, 64) * torch.linspace(0.2, 3, 64)  # uneven channels
+        for round_ in range(2):
+            with torch.no_grad():
+                got = wrapped._side_branch(x, None)
+                a, b = wrapped.lora_A["default"].weight, wrapped.lora_B["default"].weight
+                want = x @ a.T @ b.T
+            sqnr = 10 * torch.log10(want.pow(2).mean() / (got - want).pow(2).mean())
+            assert sqnr > 35, (round_, float(sqnr))
+            assert "default" in wrapped.__dict__["_int8_down"]  # the int8 form ran
+            with torch.no_grad():
+                a.mul_(-2).add_(0.1)  # the adapter changes: the cached codes must follow
+        monkeypatch.setenv("DIT_COMPRESS_LORA_DOWN", "float")
+        int8_down.int8_faster.cache_clear()
+        with torch.no_grad():
+            exact = wrapped._side_branch(x, None)
+            a, b = wrapped.lora_A["default"].weight, wrapped.lora_B["default"].weight
+        assert torch.allclose(exact, x @ a.T @ b.T, atol=1e-5)
+    finally:
+        int8_down.int8_faster.cache_clear()

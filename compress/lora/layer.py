@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.lora import int8_down
+
 _INSTALLED = False
 
 
@@ -70,10 +72,14 @@ def _make_class():
             from compress.modules.w8a8 import W8A8Linear
             from compress.quant import kernels
 
-            base = self.get_base_layer()
+            # attributes read from the instance dicts: nn.Module's __getattr__ and PEFT's
+            # properties cost microseconds a call, on every Linear of every step
+            base = self._modules["base_layer"]
             act = getattr(base, "activation", "none")
-            plain = not (args or kwargs or self.disable_adapters or self.merged
-                         or any(a in self.lora_variant for a in self.active_adapters))
+            active = self._active_adapter
+            active = (active,) if isinstance(active, str) else active
+            plain = not (args or kwargs or self._disable_adapters or self.merged_adapters
+                         or any(a in self.lora_variant for a in active))
             if plain and isinstance(base, W8A8Linear) and act != "none":
                 # the branch joins in the layer's rescale pass, before its activation
                 return base(x, addend=self._side_branch(x, None))
@@ -86,6 +92,8 @@ def _make_class():
             return kernels.apply_activation(y, act) if act != "none" else y
 
         def _side_branch(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+            # the down-projection on the base layer's own int8 input codes where that is faster
+            # (dynamic W8A8; see compress.lora.int8_down), else in the adapter's dtype
             # y + scaling * (x A^T) B^T, the second product accumulated into y by one addmm
             # (no separate scale and add passes over the layer's output; in place without
             # autograd, y being the base layer's fresh output). y None: the branch alone
@@ -95,13 +103,30 @@ def _make_class():
             dtype = x.dtype if y is None else y.dtype
             y2 = None if y is None else y.reshape(-1, shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
-            for name in self.active_adapters:
-                if name not in self.lora_A:
+            mods = self._modules
+            lora_a, lora_b = mods["lora_A"]._modules, mods["lora_B"]._modules
+            drops = mods["lora_dropout"]._modules
+            base = mods["base_layer"]
+            codes = int8_down.usable(base, x)
+            active = self._active_adapter
+            for name in (active,) if isinstance(active, str) else active:
+                if name not in lora_a:
                     continue
-                a, b = self.lora_A[name], self.lora_B[name]
-                h = a(self.lora_dropout[name](x2.to(a.weight.dtype))).to(dtype)
+                a, b, drop = lora_a[name], lora_b[name], drops[name]
+                aw = a.weight
+                if codes and isinstance(drop, nn.Identity):
+                    h = int8_down.down(self, name, base, x, dtype)
+                else:
+                    xa = x2 if x2.dtype == aw.dtype else x2.to(aw.dtype)
+                    if not isinstance(drop, nn.Identity):
+                        xa = drop(xa)
+                    h = torch.nn.functional.linear(xa, aw, a.bias)
+                if h.dtype != dtype:
+                    h = h.to(dtype)
                 s = self.scaling[name]
-                bt = b.weight.t().to(dtype)
+                bt = b.weight.t()
+                if bt.dtype != dtype:
+                    bt = bt.to(dtype)
                 if y2 is None:
                     y2 = torch.mm(h * s, bt)
                 elif in_place:
