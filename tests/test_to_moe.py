@@ -384,6 +384,13 @@ def test_routed_blocks_run_only_their_samples_and_match_a_per_sample_reference()
     assert sum(b for _, b in calls) == 2 * 6  # each sample ran one block of each pair
     got.pow(2).sum().backward()
     assert all(g.router.weight.grad.abs().sum() > 0 for g in groups)
+    # distill's route_noise: 0 trains on the routers' own choice, noise tries other blocks
+    mob.explore(net, 0.0)
+    assert torch.allclose(net(x, temb), got, atol=1e-6)
+    mob.explore(net, 50.0)
+    torch.manual_seed(1)
+    assert not torch.allclose(net(x, temb), got, atol=1e-3)
+    mob.explore(net, 0.0)
     # keeping every block of a group is the dense model exactly
     full = copy.deepcopy(dense)
     mob.install(full, [names[:2], names[2:]], 2, dict.fromkeys(names, tmpl), 8, False, None)

@@ -29,7 +29,7 @@ class BlockGroup:
                  time_dims: int) -> None:
         self.size, self.keep, self.router, self.ctx = size, keep, router, ctx
         self.time_dims = time_dims
-        self.explore = False  # Gumbel noise on the choice (distill turns it on while training)
+        self.explore = 0.0  # scale of Gumbel noise on the choice (distill sets it while training)
         self.forced: list[int] | None = None  # positions every sample skips (route_blocks' fit)
         self.seen: list[torch.Tensor] | None = None  # router inputs recorded (route_blocks' fit)
         self.rows: list[torch.Tensor] = []
@@ -68,7 +68,7 @@ class BlockGroup:
             # training: Gumbel noise on the choice, so other blocks get tried and the router
             # hears, through the gate's gradient, whether they would have served better
             u = torch.rand(logits.shape, device=logits.device).clamp(1e-9, 1 - 1e-9)
-            pick = logits - torch.log(-torch.log(u))
+            pick = logits - self.explore * torch.log(-torch.log(u))
         top = pick.topk(self.keep, dim=-1).indices  # [B, keep]
         chosen = torch.zeros(b, self.size, dtype=torch.bool, device=x.device)
         chosen.scatter_(1, top, True)
@@ -188,10 +188,11 @@ def block_groups(transformer: nn.Module) -> list[tuple[list[str], BlockGroup]]:
     return list(found.values())
 
 
-def explore(transformer: nn.Module, on: bool) -> None:
-    """Gumbel noise on the routed blocks' choices (while their routers train)."""
+def explore(transformer: nn.Module, scale: float) -> None:
+    """Gumbel noise of this scale on the routed blocks' choices while their routers train
+    (0: none, each sample runs its router's choice)."""
     for _, g in block_groups(transformer):
-        g.explore = on
+        g.explore = float(scale)
 
 
 def collect(transformer: nn.Module, on: bool = True) -> None:

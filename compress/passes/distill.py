@@ -67,6 +67,10 @@ class Config(StrictModel):
     feature_weight: float = Field(1.0, ge=0, le=1e6, description="kd: feature loss weight")
     balance_weight: float = Field(0.01, ge=0, le=1e6, description="kd: weight of the MoE "
                                   "routers' load-balancing loss (ignored without to_moe)")
+    route_noise: float = Field(1.0, ge=0, le=100, description="kd after route_blocks: scale of "
+                               "the Gumbel noise on the block routers' choices while training, "
+                               "so that other blocks get tried (0: each sample runs its "
+                               "router's choice)")
     mask_sigma: float | None = Field(4.0, gt=0, le=1e6, description="feature loss ignores the "
                                      "original's entries beyond this many std (null: none)")
     train: Literal["all", "blocks"] = Field("all", description="which weights learn (lora: "
@@ -193,7 +197,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     ckpt = handle.run.get("checkpoints")
     blocks = [tr.get_submodule(b) for b in trained_blocks]
     tr.train()
-    mob.explore(tr, True)
+    mob.explore(tr, cfg.route_noise)
     try:
         with kd.checkpointed(blocks, cfg.gradient_checkpointing) if cfg.mode == "kd" \
                 else contextlib.nullcontext():
@@ -206,7 +210,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         t_taps.remove()
         if s_taps is not None:
             s_taps.remove()
-        mob.explore(tr, False)
+        mob.explore(tr, 0.0)
         tr.eval()
     merged = kd.merge_lora(tr)
     tr.requires_grad_(False)
