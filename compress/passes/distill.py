@@ -161,23 +161,23 @@ def apply(handle, calib, cfg: Config) -> PassResult:
                            if x.is_floating_point()]
                     terms.append(kd.feature_loss(out, t_taps.out[t], None, rows))
                 loss = torch.stack(terms).sum()
-                parts["intervals"] = float(loss)
+                parts["intervals"] = float(loss.detach())
                 return loss, parts
             if s_taps is not None:
                 s_taps.clear()
             s_out = ad.call(tr, args, kwargs)
             out_l = kd.per_sample(s_out, t_out, None, rows)
             loss = cfg.output_weight * out_l
-            parts["output"] = float(out_l)
+            parts["output"] = float(out_l.detach())
             bal = moe.balance_loss(tr) if cfg.balance_weight > 0 else None
             if bal is not None:
                 loss = loss + cfg.balance_weight * bal
-                parts["balance"] = float(bal)
+                parts["balance"] = float(bal.detach())
             if s_taps is not None:
                 feat = torch.stack([kd.feature_loss(s_taps.out[s], t_taps.out[t], cfg.mask_sigma,
                                                     rows) for s, _, t in pairs]).mean()
                 loss = loss + cfg.feature_weight * feat
-                parts["features"] = float(feat)
+                parts["features"] = float(feat.detach())
         return loss, parts
 
     def loss_fn(idx: list[int], step: int):
