@@ -10,7 +10,9 @@ int8 GEMM over codes that already exist instead of a 16-bit GEMM over ``x``.
 Whether that is faster depends on the CPU: one timing at first use decides
 (:func:`int8_faster`); ``DIT_COMPRESS_LORA_DOWN=int8`` or ``=float`` forces it. The branch's
 input is then quantised to 8 bits per token as the layer's own input is (the adapter's matrix
-per row): the branch's error is of the order of the layer's own activation rounding.
+per row): the branch's error is of the order of the layer's own activation rounding. Inside
+``torch.compile``, under autograd, and on layers that run dequantised (small shapes, see
+:mod:`compress.modules.w8a8_dense`) the branch stays in floating point.
 """
 
 from __future__ import annotations
