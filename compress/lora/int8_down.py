@@ -68,18 +68,19 @@ def down(host, name: str, base, x: torch.Tensor, dtype: torch.dtype) -> torch.Te
     """``x A^T`` for adapter ``name`` of LoRA layer ``host`` from ``base``'s int8 codes of x
     ([M, r] in ``dtype``)."""
     a = host.lora_A[name]
-    smooth = base.smooth
-    key = (a.weight.data_ptr(), a.weight._version, None if smooth is None else
-           (smooth.data_ptr(), smooth._version))
+    weight, smooth = a.weight, base.smooth
+    versions = (weight._version, None if smooth is None else smooth._version)
     cache = host.__dict__.setdefault("_int8_down", {})
     hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        w = a.weight.detach().float()
+    # the cache holds the tensors themselves (compared by identity), so a new adapter's weight
+    # cannot be mistaken for a freed one at the same address
+    if hit is None or hit[0] is not weight or hit[1] is not smooth or hit[2] != versions:
+        w = weight.detach().float()
         if smooth is not None:
             w = w * smooth.float()[None, :]
         codes, scale = _quantize_rows(w)
-        hit = cache[name] = (key, codes, scale)
-    _, codes, scale = hit
+        hit = cache[name] = (weight, smooth, versions, codes, scale)
+    codes, scale = hit[3], hit[4]
     xq, x_scale = base.quantize_input(x)
     acc = torch._int_mm(xq, codes.t())
     h = acc.float() * x_scale * scale
