@@ -520,3 +520,20 @@ def test_int8_down_projection_on_the_layers_codes_follows_the_adapter(smooth, mo
         assert torch.allclose(exact, x @ a.T @ b.T, atol=1e-5)
     finally:
         int8_down.int8_faster.cache_clear()
+
+
+def test_int8_down_projection_of_weights_made_in_inference_mode():
+    """Tensors made under inference_mode have no version counter; the cached codes must still
+    be made and reused (weight_cache's stamp)."""
+    from compress.lora import int8_down
+    from compress.modules.w8a8 import W8A8Linear
+
+    with torch.inference_mode():
+        base = W8A8Linear.from_linear(_linear(64, 48))
+        host = nn.Module()
+        host.lora_A = nn.ModuleDict({"d": nn.Linear(64, 8, bias=False)})
+        x = torch.randn(40, 64)
+        h = int8_down.down(host, "d", base, x, torch.float32)
+        want = x @ host.lora_A["d"].weight.T
+        assert 10 * torch.log10(want.pow(2).mean() / (h - want).pow(2).mean()) > 35
+        assert torch.equal(int8_down.down(host, "d", base, x, torch.float32), h)

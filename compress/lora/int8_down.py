@@ -67,20 +67,19 @@ def usable(base, x: torch.Tensor) -> bool:
 def down(host, name: str, base, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x A^T`` for adapter ``name`` of LoRA layer ``host`` from ``base``'s int8 codes of x
     ([M, r] in ``dtype``)."""
+    from compress.modules import weight_cache
+
     a = host.lora_A[name]
-    weight, smooth = a.weight, base.smooth
-    versions = (weight._version, None if smooth is None else smooth._version)
+    sources = (a.weight, base.smooth)
     cache = host.__dict__.setdefault("_int8_down", {})
     hit = cache.get(name)
-    # the cache holds the tensors themselves (compared by identity), so a new adapter's weight
-    # cannot be mistaken for a freed one at the same address
-    if hit is None or hit[0] is not weight or hit[1] is not smooth or hit[2] != versions:
-        w = weight.detach().float()
-        if smooth is not None:
-            w = w * smooth.float()[None, :]
+    if hit is None or not weight_cache.unchanged(hit[0], sources):
+        w = a.weight.detach().float()
+        if base.smooth is not None:
+            w = w * base.smooth.float()[None, :]
         codes, scale = _quantize_rows(w)
-        hit = cache[name] = (weight, smooth, versions, codes, scale)
-    codes, scale = hit[3], hit[4]
+        hit = cache[name] = (weight_cache.stamp(sources), codes, scale)
+    _, codes, scale = hit
     xq, x_scale = base.quantize_input(x)
     acc = torch._int_mm(xq, codes.t())
     h = acc.float() * x_scale * scale
