@@ -477,3 +477,41 @@ def test_per_sample_start_finds_the_block_that_changes_nothing(tmp_path, monkeyp
     assert first["rows"] > 0 and first["best_skip_share"] == [0.0, 1.0]
     assert first["fit_agrees"] == 1.0 and first["static_agrees"] == 1.0
     assert all(sum(v["best_skip_share"]) == pytest.approx(1.0) for v in fit.values())
+
+
+def test_learnable_start_drops_the_block_that_changes_nothing(tmp_path, monkeypatch):
+    """route_blocks start: learnable trains TinyFusion's choice on the route's own groups and
+    starts each router on the kept blocks: a block made an identity is the one dropped, and
+    its router's bias ranks it last."""
+    from tiny_pipelines import build_tiny_pipeline
+
+    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
+    pipe = build_tiny_pipeline("pixart", seed=0)
+    blk = pipe.transformer.transformer_blocks[1]
+    with torch.no_grad():
+        for lin in (blk.attn1.to_out[0], blk.attn2.to_out[0], blk.ff.net[2]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    src = tmp_path / "src"
+    pipe.save_pretrained(src)
+    rec = {"name": "r", **TINY, "eval": {**TINY["eval"], "enabled": False},
+           "passes": [{"route_blocks": {"group": 2, "keep": 1, "start": "learnable",
+                                        "start_strength": 2.0, "calib_samples": 4,
+                                        "learnable": {"steps": 30, "batch": 2, "lora_rank": 0,
+                                                      "lr": 0.5}}}]}
+    rep = compress.run_recipe(rec, str(src), tmp_path / "o")
+    pas = rep["passes"][0]
+    first = "transformer_blocks.0,transformer_blocks.1"
+    assert pas["starting_choice"][first] == ["transformer_blocks.0"]
+    grp = next(g for g in pas["learnable"]["groups"] if g["blocks"][0] == "transformer_blocks.0")
+    assert grp["remove"] == ["transformer_blocks.1"] and grp["probability"] > 0.6
+    router = compress.load_pipeline(tmp_path / "o").transformer.block_routers[0]
+    assert float(router.bias[0]) > float(router.bias[1]) + 2.0
+
+
+def test_learnable_group_size_must_match_the_route(tmp_path):
+    from compress.recipe import validate
+
+    with pytest.raises(UserError, match="learnable.group_size 3 differs from group 2"):
+        validate({"name": "x", "passes": [{"route_blocks": {
+            "group": 2, "keep": 1, "start": "learnable", "learnable": {"group_size": 3}}}]})

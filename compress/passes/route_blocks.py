@@ -23,6 +23,7 @@ from torch import nn
 from compress.config import MAX_COUNT, StrictModel
 from compress.errors import UserError
 from compress.modules import mob, moe
+from compress.passes.prune_depth import Learnable
 from compress.registry import PassDef, PassResult, register_pass
 from compress.train import kd
 
@@ -38,15 +39,23 @@ class Config(StrictModel):
     start_strength: float = Field(0.5, ge=0, le=100, description="router bias at the start: "
                                   "this times each block's influence z-score in its group "
                                   "(0: no preference)")
-    start: Literal["influence", "per_sample"] = Field(
+    start: Literal["influence", "per_sample", "learnable"] = Field(
         "influence", description="the routers' starting choice: every sample keeps its group's "
-        "most influential blocks (influence), or a least-squares fit of each router to which "
-        "block's skip changed each calibration sample's output least (per_sample)")
+        "most influential blocks (influence), a least-squares fit of each router to which "
+        "block's skip changed each calibration sample's output least (per_sample), or the "
+        "blocks TinyFusion's learnable depth pruning keeps in each group (learnable)")
+    learnable: Learnable = Field(default_factory=Learnable, description="start: learnable: "
+                                 "the choice's training (its group_size is this pass's group)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="start: learnable: Gumbel noise seed")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.keep >= self.group:
             raise ValueError(f"keep {self.keep} must be less than group {self.group}")
+        gs = self.learnable.group_size
+        if gs is not None and gs != self.group:
+            raise ValueError(f"learnable.group_size {gs} differs from group {self.group}; "
+                             "leave it out (the groups are this pass's)")
         return self
 
 
@@ -170,6 +179,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     t_name, t_pos = arg if arg is not None else (None, None)
     ctx = moe.time_context(tr, t_name, t_pos, 1000.0)  # to_moe's, if it ran before
     templates, influence = _probe(handle, samples, names)
+    learned = _learn_choice(handle, samples, groups, cfg) if cfg.start == "learnable" else None
     scale = moe.settle_scale(tr)  # the probe's calls showed the timestep range
     dim = _dim(handle, samples, groups[0][0])
     device, dtype = _weight(tr)
@@ -181,13 +191,16 @@ def apply(handle, calib, cfg: Config) -> PassResult:
         choice = {}
         with torch.no_grad():
             for g, names_g in zip(grps, groups):
-                v = torch.tensor([influence[n] for n in names_g])
+                v = torch.tensor([influence[n] for n in names_g]) if learned is None else \
+                    torch.tensor([-1.0 if n in learned[0] else 1.0 for n in names_g])
                 z = (v - v.mean()) / v.std().clamp_min(1e-12)
                 g.router.weight.zero_()
                 g.router.bias.copy_(cfg.start_strength * z)
                 choice[",".join(names_g)] = [
                     names_g[i] for i in torch.topk(z, cfg.keep).indices.sort().values.tolist()]
         start = {"starting_choice": choice}
+        if learned is not None:
+            start["learnable"] = learned[1]
     block_params = {n: sum(p.numel() for p in tr.get_submodule(n).parameters()) for n in names}
     report = {"group": cfg.group, "keep": cfg.keep, "groups": len(groups), "always_run": rest,
               "router_timestep": cfg.router_timestep,
@@ -199,6 +212,34 @@ def apply(handle, calib, cfg: Config) -> PassResult:
             "router_timestep": cfg.router_timestep,
             "time": {"name": t_name, "position": t_pos, "scale": scale}}
     return PassResult(meta=meta, report=report)
+
+
+def _learn_choice(handle, samples, groups, cfg: Config) -> tuple[set[str], dict]:
+    """TinyFusion's learnable choice of ``group - keep`` blocks to drop in each group (the
+    prune_depth method, on these groups): the routers then start on the kept blocks, so block
+    routing begins from the best static pruning found instead of the blocks' influence."""
+    from types import SimpleNamespace
+
+    from compress.prune import depth_scores as ds
+    from compress.prune.learnable_depth import learn
+
+    tr, ad = handle.transformer, handle.adapter
+    dev = handle.run.get("device", "cpu")
+    names = [n for g in groups for n in g]
+    taps = kd.Taps(tr, names, inputs=names, detach=True)
+    s = samples.sample(0).to(dev)
+    try:  # only the pairing of each block's input and output streams is needed
+        with torch.no_grad():
+            _, pairing = ds.influence(lambda _i: ad.call(tr, s.args, s.kwargs), taps, names, 1)
+    finally:
+        taps.remove()
+    targets = {c: len(lst) // cfg.group * (cfg.group - cfg.keep)
+               for c, lst in kd.containers(names).items()}
+    lcfg = SimpleNamespace(learnable=cfg.learnable.model_copy(update={"group_size": cfg.group}),
+                           seed=cfg.seed)
+    report: dict = {}
+    dropped = learn(handle, samples, names, pairing, targets, set(names), lcfg, report)
+    return set(dropped), report["learnable"]
 
 
 def _outputs(handle, samples, grps, skip: tuple[int, int] | None) -> list[torch.Tensor]:
