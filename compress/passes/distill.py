@@ -63,6 +63,8 @@ class Config(StrictModel):
     warmup: int = Field(50, ge=0, le=MAX_TRAIN_STEPS)
     weight_decay: float = Field(0.0, ge=0, le=10)
     grad_clip: float | None = Field(1.0, gt=0, le=1e6)
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of "
+                       "the trained weights, which the student keeps at the end (0: none)")
     output_weight: float = Field(1.0, ge=0, le=1e6, description="kd: output loss weight")
     feature_weight: float = Field(1.0, ge=0, le=1e6, description="kd: feature loss weight")
     balance_weight: float = Field(0.01, ge=0, le=1e6, description="kd: weight of the MoE "
@@ -193,7 +195,7 @@ def apply(handle, calib, cfg: Config) -> PassResult:
 
     s = TrainSettings(steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                      checkpoint_every=cfg.checkpoint_every, micro=cfg.micro_batch)
+                      checkpoint_every=cfg.checkpoint_every, micro=cfg.micro_batch, ema=cfg.ema)
     ckpt = handle.run.get("checkpoints")
     blocks = [tr.get_submodule(b) for b in trained_blocks]
     tr.train()

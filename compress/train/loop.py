@@ -51,6 +51,8 @@ class TrainSettings:
     checkpoint_every: int = 0  # 0: no checkpoints
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     micro: int = 0  # samples per forward call (0: all of a process's share of the batch)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which the run
+    #                   ends with (0: none, the last step's weights)
 
 
 @dataclass
@@ -87,9 +89,17 @@ def fingerprint(names: list[str], params: list[torch.Tensor], s: TrainSettings, 
     h = hashlib.sha256(tag.encode())
     for n, p in zip(names, params):
         h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
-    h.update(json.dumps({k: v for k, v in vars(s).items() if k != "checkpoint_every"},
+    # (ema only when on: checkpoints written before it existed still resume)
+    h.update(json.dumps({k: v for k, v in vars(s).items()
+                         if k != "checkpoint_every" and (k != "ema" or v)},
                         sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The average's decay after ``step`` updates: ramped up from 0.1 so that the first steps,
+    far from where training ends, weigh little even though the average starts at them."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def _save(ckpt: Path, step: int, params, opt: torch.optim.Optimizer, res: TrainResult,
@@ -188,13 +198,21 @@ def train(
     res = TrainResult(processes=world)
     ckpt = ckpt_dir / "last" if ckpt_dir is not None else None
     start = 0
+    ema_state: dict[str, torch.Tensor] = {}
     if resume and ckpt is not None and (ckpt / CKPT_INFO).is_file():
         info, extra = _load(ckpt, params, opt, fp)
+        ema_state = {k: extra.pop(k) for k in [k for k in extra if k.startswith("ema.")]}
         start = int(info["step"])
         res.history, res.parts = list(info["history"]), dict(info["parts"])
         res.seconds, res.resumed_from = float(info.get("seconds", 0.0)), start
         if extra_state is not None:
             extra_state[1](extra)
+    ema = [p.detach().float().clone() for p in params] if s.ema else []
+    if ema and start:
+        if not all(f"ema.{i}" in ema_state for i in range(len(params))):
+            raise UserError(f"{ckpt}: the checkpoint holds no weight average; run without "
+                            "--resume to start over")
+        ema = [ema_state[f"ema.{i}"].to(p.device) for i, p in enumerate(params)]
     t0 = time.perf_counter() - res.seconds
     bar = tqdm(total=s.steps, initial=start, desc=desc, disable=not acc.is_main_process,
                dynamic_ncols=True)
@@ -229,6 +247,11 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            d = ema_decay(step, s.ema)
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach().float(), 1 - d)
         mean = float(total) / s.batch
         res.history.append(mean)
         for k, v in parts.items():
@@ -241,10 +264,15 @@ def train(
             # the last one too: a run that fails after training resumes without retraining
             res.seconds = time.perf_counter() - t0
             if acc.is_main_process:
-                _save(ckpt, done, params, opt, res,
-                      fp, extra_state[0]() if extra_state is not None else {})
+                extra = extra_state[0]() if extra_state is not None else {}
+                extra.update({f"ema.{i}": e for i, e in enumerate(ema)})
+                _save(ckpt, done, params, opt, res, fp, extra)
             acc.wait_for_everyone()
     bar.close()
+    if ema:  # the run ends with the average
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                p.copy_(e.to(p.dtype))
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -279,7 +307,8 @@ def summarize_history(history: list[float], points: int = 200) -> list[list[floa
 
 def info_of(res: TrainResult, s: TrainSettings) -> dict[str, Any]:
     """The report entry of one training run."""
-    return {"steps": s.steps, "batch": s.batch, "lr": s.lr, "processes": res.processes,
+    return {"steps": s.steps, "batch": s.batch, "lr": s.lr, **({"ema": s.ema} if s.ema else {}),
+            "processes": res.processes,
             "seconds": round(res.seconds, 3), "resumed_from_step": res.resumed_from,
             "loss_first": res.history[0] if res.history else None,
             "loss_last": (sum(res.history[-20:]) / len(res.history[-20:])
