@@ -15,12 +15,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 from compress.quant.mixed import FLOAT_BITS, output_sensitivity
 from compress.quant.smooth import fake_quant_weight
@@ -108,11 +111,26 @@ def first_order_tables(latents: Callable[[], list[torch.Tensor]],
         # recomputes the steps it needs, as the first would)
         outs = latents()
         size = sum(o.numel() for o in outs)
+        vecs = [[torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+                for _ in range(probes)]
+        try:
+            # all probes in one batched backward (vmap over the vectors): the checkpointed
+            # steps are recomputed once instead of once per probe
+            batched = torch.autograd.grad(
+                outs, weights, grad_outputs=[torch.stack([v[k] for v in vecs])
+                                             for k in range(len(outs))],
+                allow_unused=True, is_grads_batched=True, retain_graph=True)
+            per_probe = [[None if g is None else g[i] for g in batched] for i in range(probes)]
+        except RuntimeError as e:  # an op without a batching rule: one backward per probe
+            log.info("batched probes failed (%s); one backward per probe", e)
+            per_probe = None
         for i in tqdm(range(probes), desc="image sensitivity (first order)", leave=False):
-            probe = sum((torch.randn(o.shape, generator=gen).to(o.device, o.dtype) * o).sum()
-                        for o in outs)
-            grads = torch.autograd.grad(probe, weights, allow_unused=True,
-                                        retain_graph=i < probes - 1)
+            if per_probe is not None:
+                grads = per_probe[i]
+            else:
+                probe = sum((v * o).sum() for v, o in zip(vecs[i], outs))
+                grads = torch.autograd.grad(probe, weights, allow_unused=True,
+                                            retain_graph=i < probes - 1)
             for n, g in zip(names, grads):
                 for b, d in deltas[n].items():
                     v = 0.0 if g is None else float((g.float() * d.float()).sum())
