@@ -432,6 +432,20 @@ class W8A8Linear(nn.Module):
         )
         return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act, None, addend)
 
+    def matmul_requantize(self, xq: torch.Tensor, x_scale: torch.Tensor,
+                          nxt: W8A8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic int8 codes [M, in] -> the codes and per-token scales of ``nxt``'s input,
+        act(x W^T + b) quantised for it in the GEMM's rescale pass (CPU)."""
+        d = self.prepare()
+        if d["packed"] is None:
+            acc, col = torch._int_mm(xq, self.weight.t()), self.weight_scale
+        else:
+            acc = kernels.int8_linear(xq, 1.0, self.weight, d["packed"], self.weight_scale,
+                                      d["w_zero"], None, torch.bfloat16)
+            col = None
+        return kernels.rescale_quantize(acc, x_scale, self.bias, self.activation, col,
+                                        nxt.prepare()["inv_smooth"])
+
     def forward(self, x: torch.Tensor, activation: str | None = None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
         """``addend`` [..., out] joins the result before the activation (a LoRA side branch:
@@ -504,8 +518,9 @@ class W8A8FeedForward(nn.Module):
 
     The GELU runs inside the first GEMM (oneDNN post-op for static inputs, the per-token
     rescale pass for dynamic ones); when both projections are static the first GEMM writes int8
-    codes on the second's input scale, so the 4x-wide hidden activation is never written in
-    bf16 nor re-quantised. State-dict keys stay those of the original module
+    codes on the second's input scale, and when both are dynamic (bf16 on CPU) the first
+    GEMM's rescale pass quantises per token for the second, so the 4x-wide hidden activation
+    is never written in bf16 nor read back to be quantised. State-dict keys stay those of the original module
     (``net.0.proj.*``, ``net.2.*``); inference only (dropouts are identities in eval).
     """
 
@@ -524,6 +539,14 @@ class W8A8FeedForward(nn.Module):
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
             y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
+        elif (proj.act == "dynamic" and out.act == "dynamic" and hidden_states.device.type == "cpu"
+              and hidden_states.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+              and self._fusable(proj, out, hidden_states)):
+            # per-token hand-over: the hidden activation goes from the first GEMM's rescale
+            # pass straight to the second GEMM's int8 codes
+            xq, xs = proj.quantize_input(hidden_states)
+            codes, cs = proj.matmul_requantize(xq, xs, out)
+            y = out.matmul_codes(codes, cs, hidden_states.dtype)
         else:
             y = out(proj(hidden_states))
         return y.view(*hidden_states.shape[:-1], out.out_features)
