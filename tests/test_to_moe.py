@@ -515,3 +515,23 @@ def test_learnable_group_size_must_match_the_route(tmp_path):
     with pytest.raises(UserError, match="learnable.group_size 3 differs from group 2"):
         validate({"name": "x", "passes": [{"route_blocks": {
             "group": 2, "keep": 1, "start": "learnable", "learnable": {"group_size": 3}}}]})
+
+
+def test_learnable_start_on_own_module(tmp_path):
+    """start: learnable on a plain-PyTorch DiT (blocks in an nn.Sequential of its own names):
+    the choice trains there too and the routed module reloads onto a fresh instance."""
+    work = _shapedit()
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+         torch.tensor([7, 800]), torch.tensor([5, 432]))
+    rec = {"name": "r", **TINY, "eval": {**TINY["eval"], "enabled": False},
+           "passes": [{"route_blocks": {"group": 2, "keep": 1, "start": "learnable",
+                                        "calib_samples": 4,
+                                        "learnable": {"steps": 3, "batch": 2}}}]}
+    rep = compress.run_recipe(rec, model=work, calibrate_fn=_calibrate, out=tmp_path / "o",
+                              inplace=True)
+    groups = rep["passes"][0]["learnable"]["groups"]
+    assert len(groups) == len(rep["passes"][0]["starting_choice"]) > 0
+    assert all(len(g["remove"]) == 1 for g in groups)
+    fresh = compress.load_module(tmp_path / "o", _shapedit())
+    with torch.no_grad():
+        assert torch.equal(fresh(*x), work(*x))
