@@ -453,10 +453,8 @@ def test_distill_with_lora_trains_the_routers_in_full(tiny_pipeline_dir, tmp_pat
     assert not torch.equal(first.router.weight, pair.router.weight)  # the router learned
 
 
-def test_per_sample_start_finds_the_block_that_changes_nothing(tmp_path, monkeypatch):
-    """route_blocks start: per_sample measures, per calibration sample, what skipping each
-    block alone does to the output and fits the routers to it: a block made an identity (its
-    output layers zeroed) is the one every sample skips, and the fitted router says so."""
+def _pixart_with_identity_block(tmp_path, monkeypatch):
+    """A tiny PixArt saved to disk whose block 1 is an identity (its output layers zeroed)."""
     from tiny_pipelines import build_tiny_pipeline
 
     monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
@@ -468,6 +466,14 @@ def test_per_sample_start_finds_the_block_that_changes_nothing(tmp_path, monkeyp
             lin.bias.zero_()
     src = tmp_path / "src"
     pipe.save_pretrained(src)
+    return src
+
+
+def test_per_sample_start_finds_the_block_that_changes_nothing(tmp_path, monkeypatch):
+    """route_blocks start: per_sample measures, per calibration sample, what skipping each
+    block alone does to the output and fits the routers to it: a block made an identity (its
+    output layers zeroed) is the one every sample skips, and the fitted router says so."""
+    src = _pixart_with_identity_block(tmp_path, monkeypatch)
     rec = {"name": "r", **TINY, "eval": {**TINY["eval"], "enabled": False},
            "passes": [{"route_blocks": {"group": 2, "keep": 1, "start": "per_sample",
                                         "calib_samples": 4}}]}
@@ -483,17 +489,7 @@ def test_learnable_start_drops_the_block_that_changes_nothing(tmp_path, monkeypa
     """route_blocks start: learnable trains TinyFusion's choice on the route's own groups and
     starts each router on the kept blocks: a block made an identity is the one dropped, and
     its router's bias ranks it last."""
-    from tiny_pipelines import build_tiny_pipeline
-
-    monkeypatch.setenv("DIT_COMPRESS_CACHE", str(tmp_path / "cache"))
-    pipe = build_tiny_pipeline("pixart", seed=0)
-    blk = pipe.transformer.transformer_blocks[1]
-    with torch.no_grad():
-        for lin in (blk.attn1.to_out[0], blk.attn2.to_out[0], blk.ff.net[2]):
-            lin.weight.zero_()
-            lin.bias.zero_()
-    src = tmp_path / "src"
-    pipe.save_pretrained(src)
+    src = _pixart_with_identity_block(tmp_path, monkeypatch)
     rec = {"name": "r", **TINY, "eval": {**TINY["eval"], "enabled": False},
            "passes": [{"route_blocks": {"group": 2, "keep": 1, "start": "learnable",
                                         "start_strength": 2.0, "calib_samples": 4,
