@@ -520,8 +520,9 @@ class W8A8FeedForward(nn.Module):
     rescale pass for dynamic ones); when both projections are static the first GEMM writes int8
     codes on the second's input scale, and when both are dynamic (bf16 on CPU) the first
     GEMM's rescale pass quantises per token for the second, so the 4x-wide hidden activation
-    is never written in bf16 nor read back to be quantised. State-dict keys stay those of the original module
-    (``net.0.proj.*``, ``net.2.*``); inference only (dropouts are identities in eval).
+    is never written in bf16 nor read back to be quantised. State-dict keys stay those of the
+    original module (``net.0.proj.*``, ``net.2.*``); inference only (dropouts are identities in
+    eval).
     """
 
     def __init__(self, proj: W8A8Linear, out: W8A8Linear) -> None:

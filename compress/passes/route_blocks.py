@@ -38,7 +38,7 @@ class Config(StrictModel):
                                "blocks' influence (the routers' starting choice)")
     start_strength: float = Field(0.5, ge=0, le=100, description="router bias at the start: "
                                   "this times each block's influence z-score in its group "
-                                  "(0: no preference)")
+                                  "(start learnable: of kept 1, dropped -1; 0: no preference)")
     start: Literal["influence", "per_sample", "learnable"] = Field(
         "influence", description="the routers' starting choice: every sample keeps its group's "
         "most influential blocks (influence), a least-squares fit of each router to which "

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
-
 from compress.quant.mixed import FLOAT_BITS, output_sensitivity
 from compress.quant.smooth import fake_quant_weight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
