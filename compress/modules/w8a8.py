@@ -418,31 +418,29 @@ class W8A8Linear(nn.Module):
             )
         if out_scale is not None:
             raise ValueError("int8 hand-over needs a static input scale")
+        acc, col = self._dynamic_acc(xq, d, out_dtype)
+        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act, col, addend)
+
+    def _dynamic_acc(self, xq: torch.Tensor, d: dict[str, Any],
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The GEMM of per-token codes before their rescale pass: (accumulators, the weight
+        scales that pass must still apply, or None when the accumulators hold them)."""
         if d["packed"] is None and xq.device.type == "cpu":
             # torch._int_mm's int32 accumulators: row scale, weight scales, bias and the
             # activation in one fused pass to the output dtype
-            acc = torch._int_mm(xq, self.weight.t())
-            return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act,
-                                        self.weight_scale, addend)
+            return torch._int_mm(xq, self.weight.t()), self.weight_scale
         # Per-token scales differ per row, which oneDNN's epilogue cannot apply; its output
         # keeps the weight scales and one fused pass adds row scale, bias and activation.
         acc_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-        acc = kernels.int8_linear(
+        return kernels.int8_linear(
             xq, 1.0, self.weight, d["packed"], self.weight_scale, d["w_zero"], None, acc_dtype
-        )
-        return kernels.rescale_rows(acc, x_scale, self.bias, out_dtype, act, None, addend)
+        ), None
 
     def matmul_requantize(self, xq: torch.Tensor, x_scale: torch.Tensor,
                           nxt: W8A8Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic int8 codes [M, in] -> the codes and per-token scales of ``nxt``'s input,
-        act(x W^T + b) quantised for it in the GEMM's rescale pass (CPU)."""
-        d = self.prepare()
-        if d["packed"] is None:
-            acc, col = torch._int_mm(xq, self.weight.t()), self.weight_scale
-        else:
-            acc = kernels.int8_linear(xq, 1.0, self.weight, d["packed"], self.weight_scale,
-                                      d["w_zero"], None, torch.bfloat16)
-            col = None
+        """Dynamic int8 codes [M, in] of a bf16 input -> the codes and per-token scales of
+        ``nxt``'s input, act(x W^T + b) quantised for it in the GEMM's rescale pass."""
+        acc, col = self._dynamic_acc(xq, self.prepare(), torch.bfloat16)
         return kernels.rescale_quantize(acc, x_scale, self.bias, self.activation, col,
                                         nxt.prepare()["inv_smooth"])
 

@@ -215,7 +215,8 @@ def _rescale(
 _rescale_fused = fused(_rescale)
 
 
-def _rescale_quantize(
+@fused
+def rescale_quantize(
     acc: torch.Tensor,
     row_scale: torch.Tensor,
     bias: torch.Tensor | None,
@@ -223,21 +224,12 @@ def _rescale_quantize(
     col_scale: torch.Tensor | None,
     inv_smooth: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y = _rescale(acc, row_scale, bias, torch.float32, activation, col_scale)
-    return quantize_per_token.__wrapped__(y, inv_smooth)  # type: ignore[attr-defined]
-
-
-_rescale_quantize_fused = fused(_rescale_quantize)
-
-
-def rescale_quantize(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str, col_scale: torch.Tensor | None,
-                     inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A dynamic feed-forward's hand-over in one fused pass: act(acc * row_scale [* col_scale] +
     bias), times the next layer's ``inv_smooth``, quantised per row: (int8 codes [M, N], fp32
     scales [M, 1]). The hidden activation is never stored in floating point (the unfused path
     writes it in bf16 and reads it back twice to quantise it)."""
-    return _rescale_quantize_fused(acc, row_scale, bias, activation, col_scale, inv_smooth)
+    y = _rescale(acc, row_scale, bias, torch.float32, activation, col_scale)
+    return quantize_per_token.__wrapped__(y, inv_smooth)  # type: ignore[attr-defined]
 
 
 def rescale_rows(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
