@@ -189,7 +189,9 @@ def capture(
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = "cpu",
     progress: bool = True,
-) -> CalibrationSet:
+    model_key: str | None = None,
+    cached_only: bool = False,
+) -> CalibrationSet | None:
     """Run the pipeline on ``prompts`` and record every transformer call.
 
     The pipeline runs once per prompt through ``handle.adapter.generate``; prompt ``i`` is
@@ -210,6 +212,9 @@ def capture(
         device: where the pipeline runs (moved there if elsewhere); None leaves it as is.
             Recorded tensors are stored on CPU.
         progress: show a progress bar over prompts.
+        model_key: names the transformer in the cache key instead of the source checkpoint's
+            hash (a model changed since it was loaded, e.g. a student mid-training).
+        cached_only: return the set only if it is in the cache (None otherwise, nothing run).
 
     Returns:
         The calibration set, stored at ``<cache_dir>/<hash>``.
@@ -244,7 +249,7 @@ def capture(
 
     transformer = handle.transformer
     key = calibration_hash(
-        _model_hash(handle),
+        model_key or _model_hash(handle),
         prompts,
         seeds,
         steps,
@@ -258,6 +263,8 @@ def capture(
     if is_complete(root):
         log.info("calibration cache hit: %s", root)
         return CalibrationSet(root)
+    if cached_only:
+        return None
 
     if device is not None:
         p = next(iter(transformer.parameters()), None)
@@ -316,7 +323,8 @@ def capture_generic(
     calibrate_fn: Callable[[nn.Module], Any],
     cache_dir: str | Path | None = None,
     key: str | None = None,
-) -> CalibrationSet:
+    cached_only: bool = False,
+) -> CalibrationSet | None:
     """Record every call of ``module`` while ``calibrate_fn(module)`` runs.
 
     For a plain ``nn.Module`` with the user's own calibration loop (ModelOpt's forward_loop).
@@ -330,6 +338,7 @@ def capture_generic(
         key: a string naming these inputs; when given, the set is cached under it and a later
             call with the same key returns it without running ``calibrate_fn``. Without a key
             the set lives in a temporary directory removed once the set is no longer used.
+        cached_only: with ``key``, return the set only if it is cached (None otherwise).
 
     Raises:
         UserError: ``calibrate_fn`` never called the module.
@@ -343,6 +352,8 @@ def capture_generic(
         if is_complete(root):
             log.info("calibration cache hit: %s", root)
             return CalibrationSet(root)
+        if cached_only:
+            return None
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=cache_root))
     else:

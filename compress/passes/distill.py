@@ -10,6 +10,9 @@ Modes:
   only at the end of each group of routed blocks, the group feature loss): each remaining block reproduces the original's hidden state at the end of the
   span it stands for (after depth pruning, the blocks up to the next kept one), with the
   original's massive activations masked out as TinyFusion's masked distillation does.
+- ``on_policy`` (kd): from a point of the training on, part of every batch comes from the
+  student's own trajectories (the same prompts and seeds sampled with the student), so it also
+  learns the original's prediction where its own sampling goes (:mod:`compress.train.onpolicy`).
 - ``intervals``: PPCL's mode: only blocks that stand for several original blocks train, each on
   the original's hidden states at its interval's ends, independently of the others.
 
@@ -24,7 +27,7 @@ import contextlib
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.config import MAX_COUNT, MAX_TRAIN_STEPS, StrictModel
@@ -43,6 +46,18 @@ class Data(StrictModel):
     num_prompts: int = Field(64, ge=1, le=MAX_COUNT, description="prompts from the file")
     seeds_per_prompt: int = Field(4, ge=1, le=1000, description="trajectories per prompt")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the first trajectory")
+
+
+class OnPolicy(StrictModel):
+    """Training also on the student's own trajectories (the original still gives every target)."""
+
+    start: float = Field(0.5, gt=0, lt=1, description="fraction of the steps after which the "
+                         "student's trajectories are first sampled (the distillation set's "
+                         "prompts and seeds, run through the pipeline with the student)")
+    times: int = Field(1, ge=1, le=100, description="how many times they are sampled, evenly "
+                       "spaced from start to the end (each replaces the last)")
+    share: float = Field(0.5, gt=0, le=1, description="fraction of every batch drawn from them "
+                         "once sampled (the rest: the original's trajectories)")
 
 
 class Lora(StrictModel):
@@ -86,7 +101,17 @@ class Config(StrictModel):
     checkpoint_every: int = Field(100, ge=0, le=MAX_TRAIN_STEPS, description="steps between "
                                   "checkpoints (0: none)")
     data: Data = Field(default_factory=Data)
+    on_policy: OnPolicy | None = Field(None, description="kd: also train on the student's own "
+                                       "trajectories, sampled during training (null: only the "
+                                       "original's)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _modes(self) -> Config:
+        if self.on_policy is not None and self.mode != "kd":
+            raise ValueError("on_policy needs mode kd (intervals trains each interval on the "
+                             "original's hidden states); remove on_policy or set mode: kd")
+        return self
 
 
 def _params(tr: nn.Module, blocks: list[str], cfg: Config) -> list[tuple[str, nn.Parameter]]:
@@ -141,9 +166,11 @@ def apply(handle, calib, cfg: Config) -> PassResult:
 
     stacked = batches.stacking_works(lambda a, k: ad.call(teacher, a, k),
                                      [calib.sample(i).to(dev) for i in range(min(3, len(calib)))])
+    own = _on_policy(handle, calib, tr, cfg)
+    sample = own.sample if own is not None else calib.sample
 
     def calls(idx: list[int]) -> list[tuple[tuple, dict, list[int] | None]]:
-        smps = [calib.sample(i).to(dev) for i in idx]
+        smps = [sample(i).to(dev) for i in idx]
         st = batches.stack(smps) if stacked else None
         if st is not None:
             return [(*st, batches.sizes(smps))]
@@ -203,11 +230,14 @@ def apply(handle, calib, cfg: Config) -> PassResult:
     try:
         with kd.checkpointed(blocks, cfg.gradient_checkpointing) if cfg.mode == "kd" \
                 else contextlib.nullcontext():
-            res = train(params, loss_fn, len(calib), s,
+            res = train(params, loss_fn, len(calib) if own is None else own.n_indices(), s,
                         ckpt_dir=(ckpt / f"pass{handle.run.get('pass_index', 0)}-distill"
                                   if ckpt is not None else None),
                         resume=bool(handle.run.get("resume")), desc=f"distill {cfg.mode}",
-                        tag=f"{cfg.mode}:{','.join(kept)}")
+                        tag=f"{cfg.mode}:{','.join(kept)}" + (
+                            "" if own is None else f";on_policy:{cfg.on_policy.model_dump_json()}"),
+                        **({} if own is None else {
+                            "on_step": own.on_step, "extra_state": (own.state, own.load_state)}))
     finally:
         t_taps.remove()
         if s_taps is not None:
@@ -221,8 +251,24 @@ def apply(handle, calib, cfg: Config) -> PassResult:
               "lora_merged": merged, "feature_pairs": {s: t for s, _, t in pairs},
               **info_of(res, s),
               "loss_parts_last": {k: sum(v[-20:]) / len(v[-20:]) for k, v in res.parts.items()
-                                  if v}}
+                                  if v},
+              **({} if own is None else {"on_policy": own.report()})}
     return PassResult(meta={}, report=report)
+
+
+def _on_policy(handle, calib, tr: nn.Module, cfg: Config):
+    """The mixed data set when ``on_policy`` is set (kd mode), else None."""
+    if cfg.on_policy is None:
+        return None
+    from compress.runner import _accepts_n
+    from compress.train.onpolicy import StudentTrajectories
+
+    fn = handle.calibrate_fn
+    n = (cfg.data.num_prompts * cfg.data.seeds_per_prompt
+         if handle.pipeline is None and fn is not None and _accepts_n(fn) else None)
+    op = cfg.on_policy
+    return StudentTrajectories(handle, calib, tr, cfg.steps, op.start, op.times, op.share,
+                               n_calls=n, route_noise=cfg.route_noise)
 
 
 def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:
