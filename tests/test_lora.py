@@ -475,6 +475,73 @@ def test_load_lora_on_a_module_without_parameters():
     assert (y1 - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def test_dynamic_feedforward_hand_over_keeps_both_branches(monkeypatch):
+    """bf16 dynamic W8A8 feed-forward with adapters on both projections: the per-token hand-over
+    still runs (the first branch joins before the GELU in the rescale pass, the second's
+    down-projection runs on the hidden codes) and matches the float model with its adapters;
+    an adapter with dropout, which needs the float hidden, falls back to the layers one by
+    one."""
+    from diffusers.models.attention import FeedForward
+
+    from compress.lora import int8_down
+    from compress.modules.w8a8 import W8A8Linear, fuse_feedforwards
+
+    monkeypatch.setenv("DIT_COMPRESS_LORA_DOWN", "int8")
+    int8_down.int8_faster.cache_clear()
+    install()
+    try:
+        torch.manual_seed(0)
+        ff = FeedForward(64, activation_fn="gelu-approximate").eval()
+        ref = FeedForward(64, activation_fn="gelu-approximate").eval()
+        ref.load_state_dict(ff.state_dict())
+        ff.net[0].proj = W8A8Linear.from_linear(ff.net[0].proj)
+        ff.net[2] = W8A8Linear.from_linear(ff.net[2], smooth=torch.rand(256) + 0.5)
+        ff = ff.to(torch.bfloat16)
+        root = nn.Module()
+        root.ff = ff
+        root.anchor = nn.Parameter(torch.zeros(1))
+        assert fuse_feedforwards(root) == ["ff"]
+        cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["net.0.proj", "net.2"],
+                         init_lora_weights=False)
+        inject_adapter_in_model(cfg, root)
+        inject_adapter_in_model(cfg, ref)
+        for name in ("net.0.proj", "net.2"):
+            lay, lr = root.ff.get_submodule(name), ref.get_submodule(name)
+            with torch.no_grad():
+                lay.lora_A["default"].weight.copy_(lr.lora_A["default"].weight)
+                lr.lora_B["default"].weight.mul_(20)
+                lay.lora_B["default"].weight.copy_(lr.lora_B["default"].weight)
+        root.to(torch.bfloat16)
+        calls = []
+        real = W8A8Linear.matmul_requantize
+
+        def spy(self, xq, xs, nxt, addend=None):
+            calls.append(addend is not None)
+            return real(self, xq, xs, nxt, addend)
+
+        monkeypatch.setattr(W8A8Linear, "matmul_requantize", spy)
+        x = torch.randn(2, 24, 64)
+        with torch.no_grad():
+            got = root.ff(x.to(torch.bfloat16)).float()
+            want = ref(x)
+            # without the second adapter's branch the output is clearly off: it counts
+            root.ff.net[2].lora_B["default"].weight.zero_()
+            without = root.ff(x.to(torch.bfloat16)).float()
+        assert calls == [True, True]  # the hand-over ran, with the first branch as addend
+        assert _psnr(got, want) > 30, _psnr(got, want)
+        assert _psnr(without, want) < _psnr(got, want) - 6
+        with torch.no_grad():
+            root.ff.net[2].lora_B["default"].weight.copy_(ref.net[2].lora_B["default"].weight)
+        root.ff.net[2].lora_dropout["default"] = nn.Dropout(0.5).eval()  # eval: an identity
+        calls.clear()
+        with torch.no_grad():
+            fallback = root.ff(x.to(torch.bfloat16)).float()
+        assert calls == []
+        assert _psnr(fallback, want) > 30
+    finally:
+        int8_down.int8_faster.cache_clear()
+
+
 @pytest.mark.parametrize("smooth", [False, True])
 def test_int8_down_projection_on_the_layers_codes_follows_the_adapter(smooth, monkeypatch):
     """The branch's x A^T from a dynamic W8A8 layer's int8 input codes: within 8-bit rounding

@@ -49,10 +49,16 @@ def test_auto_choice_is_timed_once_per_shape_and_reused(monkeypatch):
         b(x)
     assert len(calls) == 2  # two forms timed for the first layer, the second reuses the choice
     assert a._dense == b._dense is not None
+    w8a8_dense._DECISIONS.clear()
+    with torch.no_grad():
+        a(torch.randn(40, 64))  # another token count (a new resolution): decided anew
+        a(x)  # back to the first: this layer's own decision, not timed again
+    assert len(calls) == 4
+    assert set(a.__dict__["_dense_by"]) == {(4, torch.float32, "cpu"), (40, torch.float32, "cpu")}
     big = W8A8Linear.from_linear(nn.Linear(4096, 4096))
     with torch.no_grad():
         big(torch.randn(8, 4096))
-    assert big._dense is False and len(calls) == 2  # over MAX_MACS: int8, not timed
+    assert big._dense is False and len(calls) == 4  # over MAX_MACS: int8, not timed
 
 
 def test_report_counts_dense_layers(tiny_pipeline_dir, tmp_path, monkeypatch):
@@ -154,7 +160,7 @@ def test_packed_gemm_for_kept_weights_matches_f_linear_and_keeps_autograd(monkey
             q(xg).sum().backward()
             assert xg.grad is not None and q.__dict__["_weight_cache"][1] is False
         w = W8A8Linear.from_linear(lin)
-        w._dense = True
+        monkeypatch.setenv("DIT_COMPRESS_W8A8_DENSE", "always")
         with torch.no_grad():
             y = w(x)
         ref = torch.nn.functional.linear(x, w.dequantized_weight(), w.bias)

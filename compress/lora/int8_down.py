@@ -64,9 +64,11 @@ def usable(base, x: torch.Tensor) -> bool:
             and not w8a8_dense.use_dense(base, x) and int8_faster())
 
 
-def down(host, name: str, base, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def down(host, name: str, base, x: torch.Tensor | None, dtype: torch.dtype,
+         codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x A^T`` for adapter ``name`` of LoRA layer ``host`` from ``base``'s int8 codes of x
-    ([M, r] in ``dtype``)."""
+    ([M, r] in ``dtype``); ``codes`` (int8 [M, in], per-token scales [M, 1]) when x exists
+    only as those codes."""
     from compress.modules import weight_cache
 
     a = host.lora_A[name]
@@ -77,11 +79,11 @@ def down(host, name: str, base, x: torch.Tensor, dtype: torch.dtype) -> torch.Te
         w = a.weight.detach().float()
         if base.smooth is not None:
             w = w * base.smooth.float()[None, :]
-        codes, scale = _quantize_rows(w)
-        hit = cache[name] = (weight_cache.stamp(sources), codes, scale)
-    _, codes, scale = hit
-    xq, x_scale = base.quantize_input(x)
-    acc = torch._int_mm(xq, codes.t())
+        qa, scale = _quantize_rows(w)
+        hit = cache[name] = (weight_cache.stamp(sources), qa, scale)
+    _, qa, scale = hit
+    xq, x_scale = base.quantize_input(x) if codes is None else codes
+    acc = torch._int_mm(xq, qa.t())
     h = acc.float() * x_scale * scale
     if a.bias is not None:
         h = h + a.bias.float()

@@ -76,10 +76,7 @@ def _make_class():
             # properties cost microseconds a call, on every Linear of every step
             base = self._modules["base_layer"]
             act = getattr(base, "activation", "none")
-            active = self._active_adapter
-            active = (active,) if isinstance(active, str) else active
-            plain = not (args or kwargs or self._disable_adapters or self.merged_adapters
-                         or any(a in self.lora_variant for a in active))
+            plain = not (args or kwargs) and self.plain()
             if plain and isinstance(base, W8A8Linear) and act != "none":
                 # the branch joins in the layer's rescale pass, before its activation
                 return base(x, addend=self._side_branch(x, None))
@@ -90,6 +87,57 @@ def _make_class():
             else:
                 y = super().forward(x, *args, activation="none", **kwargs)
             return kernels.apply_activation(y, act) if act != "none" else y
+
+        def plain(self) -> bool:
+            """Whether the call is the base layer plus each active adapter's side branch (no
+            adapter merged or disabled, no variant such as DoRA)."""
+            active = self._active_adapter
+            active = (active,) if isinstance(active, str) else active
+            return not (self._disable_adapters or self.merged_adapters
+                        or any(a in self.lora_variant for a in active))
+
+        def _active_names(self) -> list[str]:
+            active = self._active_adapter
+            return [n for n in ((active,) if isinstance(active, str) else active)
+                    if n in self._modules["lora_A"]._modules]
+
+        def branch_on_codes_ok(self) -> bool:
+            """Whether :meth:`branch_on_codes` applies: no active adapter has dropout (which
+            needs the float input)."""
+            drops = self._modules["lora_dropout"]._modules
+            return all(isinstance(drops[n], nn.Identity) for n in self._active_names())
+
+        def branch_on_codes(self, xq: torch.Tensor, x_scale: torch.Tensor,
+                            y: torch.Tensor) -> torch.Tensor:
+            """``y`` [M, out] plus the side branch of an input that exists only as the base
+            layer's per-token int8 codes (a fused feed-forward's hidden activation): the
+            down-projection on the codes (:func:`int8_down.down`), accumulated into ``y`` in
+            place."""
+            base = self._modules["base_layer"]
+            for name in self._active_names():
+                h = int8_down.down(self, name, base, None, y.dtype, codes=(xq, x_scale))
+                y = self._up(y, h, name, y.dtype, True)
+            return y
+
+        def _up(self, y2: torch.Tensor | None, h: torch.Tensor, name: str, dtype: torch.dtype,
+                in_place: bool) -> torch.Tensor:
+            # y + scaling * h B^T, accumulated into y by one addmm (in place when allowed)
+            b = self._modules["lora_B"]._modules[name]
+            if h.dtype != dtype:
+                h = h.to(dtype)
+            s = self.scaling[name]
+            bt = b.weight.t()
+            if bt.dtype != dtype:
+                bt = bt.to(dtype)
+            if y2 is None:
+                y2 = torch.mm(h * s, bt)
+            elif in_place:
+                y2.addmm_(h, bt, alpha=s)
+            else:
+                y2 = torch.addmm(y2, h, bt, alpha=s)
+            if b.bias is not None:
+                y2 = y2 + s * b.bias.to(dtype)
+            return y2
 
         def _side_branch(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
             # the down-projection on the base layer's own int8 input codes where that is faster
@@ -112,7 +160,7 @@ def _make_class():
             for name in (active,) if isinstance(active, str) else active:
                 if name not in lora_a:
                     continue
-                a, b, drop = lora_a[name], lora_b[name], drops[name]
+                a, drop = lora_a[name], drops[name]
                 aw = a.weight
                 if codes and isinstance(drop, nn.Identity):
                     h = int8_down.down(self, name, base, x, dtype)
@@ -121,20 +169,7 @@ def _make_class():
                     if not isinstance(drop, nn.Identity):
                         xa = drop(xa)
                     h = torch.nn.functional.linear(xa, aw, a.bias)
-                if h.dtype != dtype:
-                    h = h.to(dtype)
-                s = self.scaling[name]
-                bt = b.weight.t()
-                if bt.dtype != dtype:
-                    bt = bt.to(dtype)
-                if y2 is None:
-                    y2 = torch.mm(h * s, bt)
-                elif in_place:
-                    y2.addmm_(h, bt, alpha=s)
-                else:
-                    y2 = torch.addmm(y2, h, bt, alpha=s)
-                if b.bias is not None:
-                    y2 = y2 + s * b.bias.to(dtype)
+                y2 = self._up(y2, h, name, dtype, in_place)
             return y2 if y2 is None else y2.view(shape)
 
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

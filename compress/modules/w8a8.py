@@ -436,13 +436,15 @@ class W8A8Linear(nn.Module):
             xq, 1.0, self.weight, d["packed"], self.weight_scale, d["w_zero"], None, acc_dtype
         ), None
 
-    def matmul_requantize(self, xq: torch.Tensor, x_scale: torch.Tensor,
-                          nxt: W8A8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    def matmul_requantize(self, xq: torch.Tensor, x_scale: torch.Tensor, nxt: W8A8Linear,
+                          addend: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic int8 codes [M, in] of a bf16 input -> the codes and per-token scales of
-        ``nxt``'s input, act(x W^T + b) quantised for it in the GEMM's rescale pass."""
+        ``nxt``'s input, act(x W^T + b [+ addend]) quantised for it in the GEMM's rescale
+        pass (``addend`` [M, out]: a LoRA side branch)."""
         acc, col = self._dynamic_acc(xq, self.prepare(), torch.bfloat16)
         return kernels.rescale_quantize(acc, x_scale, self.bias, self.activation, col,
-                                        nxt.prepare()["inv_smooth"])
+                                        nxt.prepare()["inv_smooth"], addend)
 
     def forward(self, x: torch.Tensor, activation: str | None = None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -528,19 +530,34 @@ class W8A8FeedForward(nn.Module):
         self.net = nn.ModuleList([_FusedGELU(proj), nn.Identity(), out])
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        proj: W8A8Linear = self.net[0].proj
-        out: W8A8Linear = self.net[2]
+        proj_l, out_l = self.net[0].proj, self.net[2]
+        proj, out = _lora_base(proj_l, False), _lora_base(out_l, True)
+        lora = proj is not proj_l or out is not out_l
         if not (isinstance(proj, W8A8Linear) and isinstance(out, W8A8Linear)):
-            # a LoRA side branch wraps a projection: each layer runs on its own (the wrapper
-            # adds the branch before the GELU the first GEMM applies)
-            return out(proj(hidden_states))
+            # a LoRA wrapper in a state other than base + side branch (merged, disabled):
+            # each layer runs on its own (the wrapper adds its branch before the GELU)
+            return out_l(proj_l(hidden_states))
+        if lora and (torch.is_grad_enabled()
+                     or not self._dynamic_handover(proj, out, hidden_states)):
+            return out_l(proj_l(hidden_states))
+        if lora:
+            # the hand-over with LoRA side branches: the first layer's branch joins in its
+            # rescale pass before the GELU, the second's down-projection runs on the hidden
+            # codes (the hidden activation still never exists in floating point)
+            xq, xs = proj.quantize_input(hidden_states)
+            addend = (proj_l._side_branch(hidden_states, None) if proj_l is not proj else None)
+            if addend is not None:
+                addend = addend.reshape(-1, proj.out_features)
+            codes, cs = proj.matmul_requantize(xq, xs, out, addend)
+            y = out.matmul_codes(codes, cs, hidden_states.dtype)
+            if out_l is not out:
+                y = out_l.branch_on_codes(codes, cs, y)
+            return y.view(*hidden_states.shape[:-1], out.out_features)
         if proj.act == "static" and out.act == "static" and self._fusable(proj, out, hidden_states):
             xq, xs = proj.quantize_input(hidden_states)
             codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
             y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
-        elif (proj.act == "dynamic" and out.act == "dynamic" and hidden_states.device.type == "cpu"
-              and hidden_states.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-              and self._fusable(proj, out, hidden_states)):
+        elif self._dynamic_handover(proj, out, hidden_states):
             # per-token hand-over: the hidden activation goes from the first GEMM's rescale
             # pass straight to the second GEMM's int8 codes
             xq, xs = proj.quantize_input(hidden_states)
@@ -549,6 +566,13 @@ class W8A8FeedForward(nn.Module):
         else:
             y = out(proj(hidden_states))
         return y.view(*hidden_states.shape[:-1], out.out_features)
+
+    @classmethod
+    def _dynamic_handover(cls, proj: W8A8Linear, out: W8A8Linear, x: torch.Tensor) -> bool:
+        """Whether the per-token hand-over applies (both dynamic, bf16 on CPU, eager)."""
+        return (proj.act == "dynamic" and out.act == "dynamic" and x.device.type == "cpu"
+                and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+                and cls._fusable(proj, out, x))
 
     @staticmethod
     def _fusable(proj: W8A8Linear, out: W8A8Linear, x: torch.Tensor) -> bool:
@@ -568,6 +592,18 @@ class W8A8FeedForward(nn.Module):
             s = out.input_scale()
             h = (h / s).round().clamp(-128, 127) * s  # the int8 hand-over
         return out.reference_forward(h).to(x.dtype)
+
+
+def _lora_base(m: nn.Module, on_codes: bool) -> nn.Module:
+    """The W8A8 layer under a LoRA wrapper that runs as base + side branch (else ``m``);
+    ``on_codes``: the branch must also run on int8 input codes (no adapter dropout)."""
+    base = getattr(m, "base_layer", None)
+    if not (isinstance(base, W8A8Linear) and hasattr(m, "branch_on_codes") and m.plain()
+            and (not on_codes or m.branch_on_codes_ok())):
+        return m
+    from compress.lora import int8_down
+
+    return base if int8_down.int8_faster() else m
 
 
 def _gelu_mode(m: nn.Module) -> str | None:

@@ -9,7 +9,8 @@ times faster: :func:`compress.modules.weight_cache.use_packed`). Layers above ``
 not timed (int8 wins there on every CPU measured, and timing them would cost seconds).
 
 The dense form skips activation quantisation, so its output is closer to the original's, not
-bit-equal to the int8 form's. Decisions are cached per process by layer shape, tokens, dtype
+bit-equal to the int8 form's. Each layer decides per token count (a new resolution or batch is
+timed at its first call); decisions are cached per process by layer shape, tokens, dtype
 and mode, so a model and its reload in one process compute alike; another machine (or load)
 may choose otherwise. ``DIT_COMPRESS_W8A8_DENSE=never`` or ``=always`` forces the choice.
 The run's report counts the layers that chose the dense form (``speed.w8a8_dense``).
@@ -78,20 +79,37 @@ def _decide(layer: Any, x: torch.Tensor) -> bool:
     return _DECISIONS[key]
 
 
+def _by_shape(layer: Any) -> dict:
+    d = layer.__dict__.get("_dense_by")
+    if d is None:
+        d = layer.__dict__["_dense_by"] = {}
+    return d
+
+
 def use_dense(layer: Any, x: torch.Tensor) -> bool:
-    """Whether ``layer`` runs its weights dequantised (decided at its first eager call)."""
+    """Whether ``layer`` runs its weights dequantised, decided at its first eager call with
+    this many tokens (another token count, e.g. another resolution, is decided anew).
+    ``layer._dense`` keeps the latest decision (the report's count; compiled code)."""
     if torch.compiler.is_compiling():
         return bool(layer._dense)
-    if layer._dense is None:
-        layer._dense = _decide(layer, x)
-    return layer._dense
+    key = (x.numel() // max(1, layer.in_features), x.dtype, x.device.type)
+    by = _by_shape(layer)
+    hit = by.get(key)
+    if hit is None:
+        hit = by[key] = _decide(layer, x)
+    layer._dense = hit
+    return hit
 
 
 def use_dense_for(layer: Any, tokens: int, like: torch.Tensor) -> bool:
     """:func:`use_dense` for a layer whose input is not at hand yet (the second projection of
     a fused feed-forward): decided on a random input of that many tokens."""
-    if layer._dense is None and not torch.compiler.is_compiling():
-        g = torch.Generator(device=like.device).manual_seed(0)
-        x = torch.randn(tokens, layer.in_features, generator=g, device=like.device).to(like.dtype)
-        return use_dense(layer, x)
-    return bool(layer._dense)
+    if torch.compiler.is_compiling():
+        return bool(layer._dense)
+    hit = _by_shape(layer).get((tokens, like.dtype, like.device.type))
+    if hit is not None:
+        layer._dense = hit
+        return hit
+    g = torch.Generator(device=like.device).manual_seed(0)
+    x = torch.randn(tokens, layer.in_features, generator=g, device=like.device).to(like.dtype)
+    return use_dense(layer, x)

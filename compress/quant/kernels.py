@@ -223,12 +223,14 @@ def rescale_quantize(
     activation: str,
     col_scale: torch.Tensor | None,
     inv_smooth: torch.Tensor | None,
+    addend: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A dynamic feed-forward's hand-over in one fused pass: act(acc * row_scale [* col_scale] +
-    bias), times the next layer's ``inv_smooth``, quantised per row: (int8 codes [M, N], fp32
-    scales [M, 1]). The hidden activation is never stored in floating point (the unfused path
-    writes it in bf16 and reads it back twice to quantise it)."""
-    y = _rescale(acc, row_scale, bias, torch.float32, activation, col_scale)
+    bias [+ addend]), times the next layer's ``inv_smooth``, quantised per row: (int8 codes
+    [M, N], fp32 scales [M, 1]). The hidden activation is never stored in floating point (the
+    unfused path writes it in bf16 and reads it back twice to quantise it). ``addend`` [M, N]:
+    a LoRA side branch, before the activation."""
+    y = _rescale(acc, row_scale, bias, torch.float32, activation, col_scale, addend)
     return quantize_per_token.__wrapped__(y, inv_smooth)  # type: ignore[attr-defined]
 
 
