@@ -59,6 +59,8 @@ def test_student_trajectories_are_sampled_and_used(tiny_pipeline_dir, tmp_path, 
     d = rep["passes"][1]["on_policy"]
     assert d["sampled_at_steps"] == [4, 6]
     assert set(d["calls"].values()) == {rep["passes"][1]["samples"]}  # same prompts and seeds
+    assert set(d["sampling_seconds"]) == {"4", "6"}
+    assert all(v >= 0 for v in d["sampling_seconds"].values())
     # nothing from it before step 4; 8 draws after, about half of them the student's
     assert 1 <= len(drawn) <= 7, drawn
     # the student's inputs are its own: the first call of a trajectory equals the original's

@@ -152,7 +152,7 @@ def _make_class():
             y2 = None if y is None else y.reshape(-1, shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             mods = self._modules
-            lora_a, lora_b = mods["lora_A"]._modules, mods["lora_B"]._modules
+            lora_a = mods["lora_A"]._modules
             drops = mods["lora_dropout"]._modules
             base = mods["base_layer"]
             codes = int8_down.usable(base, x)

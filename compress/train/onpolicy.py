@@ -17,6 +17,7 @@ very set the uninterrupted run sampled.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class StudentTrajectories:
                               for k in range(times)})
         self.sets: dict[int, Any] = {}  # point -> CalibrationSet
         self.keys: dict[int, str] = {}  # point -> cache key of that set
+        self.seconds: dict[int, float] = {}  # point -> seconds its sampling took here
         self.current: Any = None
 
     # -- the loop's indices -------------------------------------------------------------------
@@ -87,6 +89,7 @@ class StudentTrajectories:
     def _sample(self, step: int):
         from compress.modules import mob
 
+        t0 = time.perf_counter()
         was_training = self.student.training
         self.student.eval()
         mob.explore(self.student, 0.0)  # sampled as it will run: each router's own choice
@@ -101,6 +104,7 @@ class StudentTrajectories:
                  len(got), step)
         point = max(p for p in self.points if p <= step)
         self.keys[point] = key
+        self.seconds[point] = round(time.perf_counter() - t0, 1)
         return got
 
     def _cached(self, key: str):
@@ -144,5 +148,7 @@ class StudentTrajectories:
 
     def report(self) -> dict[str, Any]:
         return {"sampled_at_steps": sorted(self.keys), "share": self.share,
-                "calls": {str(p): len(s) for p, s in sorted(self.sets.items())}}
+                "calls": {str(p): len(s) for p, s in sorted(self.sets.items())},
+                # (a set reloaded after --resume took no time in this run)
+                "sampling_seconds": {str(p): v for p, v in sorted(self.seconds.items())}}
 
