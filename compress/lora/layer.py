@@ -156,10 +156,7 @@ def _make_class():
             drops = mods["lora_dropout"]._modules
             base = mods["base_layer"]
             codes = int8_down.usable(base, x)
-            active = self._active_adapter
-            for name in (active,) if isinstance(active, str) else active:
-                if name not in lora_a:
-                    continue
+            for name in self._active_names():
                 a, drop = lora_a[name], drops[name]
                 aw = a.weight
                 if codes and isinstance(drop, nn.Identity):
