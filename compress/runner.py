@@ -348,6 +348,16 @@ def _accepts_n(fn) -> bool:
         return False
 
 
+def sized_calibrate_fn(handle, want: dict):
+    """A user's ``calibrate_fn`` asked for a pass's own data count (``n = num_prompts x
+    seeds_per_prompt`` of ``want``), or None when it takes no ``n`` (or there is none)."""
+    fn = handle.calibrate_fn
+    if fn is None or not _accepts_n(fn):
+        return None
+    n = int(want.get("num_prompts", 1)) * int(want.get("seeds_per_prompt", 1))
+    return lambda m: fn(m, n=n)
+
+
 def _pass_data(handle, recipe: Recipe, calib, defaults: dict, cache, device: str, dist
                ) -> dict[int, Any]:
     """Each pass's own data set (``PassDef.data``), captured from the original before any pass
@@ -360,12 +370,11 @@ def _pass_data(handle, recipe: Recipe, calib, defaults: dict, cache, device: str
         if want is None:
             continue
         if handle.pipeline is None:
-            n = int(want.get("num_prompts", 1)) * int(want.get("seeds_per_prompt", 1))
-            if handle.calibrate_fn is not None and _accepts_n(handle.calibrate_fn):
+            call = sized_calibrate_fn(handle, want)
+            if call is not None:
                 from compress.calib.capture import capture_generic
 
-                out[i] = capture_generic(handle.transformer,
-                                         lambda m, _n=n: handle.calibrate_fn(m, n=_n))
+                out[i] = capture_generic(handle.transformer, call)
             continue
         cc = recipe.calibration.model_copy(update={
             "prompts": want.get("prompts", recipe.calibration.prompts),

@@ -537,13 +537,18 @@ class W8A8FeedForward(nn.Module):
             # a LoRA wrapper in a state other than base + side branch (merged, disabled):
             # each layer runs on its own (the wrapper adds its branch before the GELU)
             return out_l(proj_l(hidden_states))
-        if lora and (torch.is_grad_enabled()
-                     or not self._dynamic_handover(proj, out, hidden_states)):
+        if lora and torch.is_grad_enabled():  # the branches below accumulate in place
             return out_l(proj_l(hidden_states))
-        if lora:
-            # the hand-over with LoRA side branches: the first layer's branch joins in its
-            # rescale pass before the GELU, the second's down-projection runs on the hidden
-            # codes (the hidden activation still never exists in floating point)
+        if (not lora and proj.act == "static" and out.act == "static"
+                and self._fusable(proj, out, hidden_states)):
+            xq, xs = proj.quantize_input(hidden_states)
+            codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
+            y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
+        elif self._dynamic_handover(proj, out, hidden_states):
+            # per-token hand-over: the hidden activation goes from the first GEMM's rescale
+            # pass straight to the second GEMM's int8 codes; LoRA side branches ride along
+            # (the first layer's joins its rescale pass before the GELU, the second's
+            # down-projection runs on the hidden codes)
             xq, xs = proj.quantize_input(hidden_states)
             addend = (proj_l._side_branch(hidden_states, None) if proj_l is not proj else None)
             if addend is not None:
@@ -552,19 +557,8 @@ class W8A8FeedForward(nn.Module):
             y = out.matmul_codes(codes, cs, hidden_states.dtype)
             if out_l is not out:
                 y = out_l.branch_on_codes(codes, cs, y)
-            return y.view(*hidden_states.shape[:-1], out.out_features)
-        if proj.act == "static" and out.act == "static" and self._fusable(proj, out, hidden_states):
-            xq, xs = proj.quantize_input(hidden_states)
-            codes = proj.matmul_codes(xq, xs, hidden_states.dtype, out_scale=out.input_scale())
-            y = out.matmul_codes(codes, out.input_scale(), hidden_states.dtype)
-        elif self._dynamic_handover(proj, out, hidden_states):
-            # per-token hand-over: the hidden activation goes from the first GEMM's rescale
-            # pass straight to the second GEMM's int8 codes
-            xq, xs = proj.quantize_input(hidden_states)
-            codes, cs = proj.matmul_requantize(xq, xs, out)
-            y = out.matmul_codes(codes, cs, hidden_states.dtype)
         else:
-            y = out(proj(hidden_states))
+            y = out_l(proj_l(hidden_states))
         return y.view(*hidden_states.shape[:-1], out.out_features)
 
     @classmethod

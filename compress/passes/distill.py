@@ -260,15 +260,14 @@ def _on_policy(handle, calib, tr: nn.Module, cfg: Config):
     """The mixed data set when ``on_policy`` is set (kd mode), else None."""
     if cfg.on_policy is None:
         return None
-    from compress.runner import _accepts_n
+    from compress.runner import sized_calibrate_fn
     from compress.train.onpolicy import StudentTrajectories
 
-    fn = handle.calibrate_fn
-    n = (cfg.data.num_prompts * cfg.data.seeds_per_prompt
-         if handle.pipeline is None and fn is not None and _accepts_n(fn) else None)
+    # a user's module: sampled as its distillation set was (calibrate_fn with n if it takes one)
+    call = sized_calibrate_fn(handle, data(cfg)) or handle.calibrate_fn
     op = cfg.on_policy
     return StudentTrajectories(handle, calib, tr, cfg.steps, op.start, op.times, op.share,
-                               n_calls=n, route_noise=cfg.route_noise)
+                               calibrate=call, route_noise=cfg.route_noise)
 
 
 def restore(transformer: nn.Module, cfg: Config, meta: dict) -> None:

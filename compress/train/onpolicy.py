@@ -35,11 +35,11 @@ class StudentTrajectories:
     """The teacher's set plus, once sampled, the student's; maps the loop's indices to samples."""
 
     def __init__(self, handle: Any, teacher_set: Any, student: nn.Module, steps: int,
-                 start: float, times: int, share: float, n_calls: int | None = None,
+                 start: float, times: int, share: float, calibrate: Any = None,
                  route_noise: float = 0.0) -> None:
         self.handle, self.teacher, self.student = handle, teacher_set, student
         self.share, self.route_noise = share, route_noise
-        self.n_calls = n_calls
+        self.calibrate = calibrate  # a user's module: the callable that samples it
         span = steps * (1.0 - start) / times
         self.points = sorted({min(steps - 1, max(1, round(steps * start + k * span)))
                               for k in range(times)})
@@ -102,9 +102,8 @@ class StudentTrajectories:
             self.student.train(was_training)
         log.info("distill on_policy: %d calls of the student's own trajectories at step %d",
                  len(got), step)
-        point = max(p for p in self.points if p <= step)
-        self.keys[point] = key
-        self.seconds[point] = round(time.perf_counter() - t0, 1)
+        self.keys[step] = key  # (called at a sampling point)
+        self.seconds[step] = round(time.perf_counter() - t0, 1)
         return got
 
     def _cached(self, key: str):
@@ -127,12 +126,10 @@ class StudentTrajectories:
                 capture_steps=meta.get("capture_steps"), cache_dir=cache,
                 device=self.handle.run.get("device", "cpu"), progress=False, model_key=key,
                 cached_only=only_cached)
-        fn = self.handle.calibrate_fn
-        if fn is None:
+        if self.calibrate is None:
             raise UserError("distill on_policy needs a pipeline or a calibrate_fn to sample the "
                             "student's trajectories with")
-        call = fn if self.n_calls is None else (lambda m: fn(m, n=self.n_calls))
-        return capture_generic(self.student, call, cache_dir=cache, key=key,
+        return capture_generic(self.student, self.calibrate, cache_dir=cache, key=key,
                                    cached_only=only_cached)
 
     # -- checkpoints ---------------------------------------------------------------------------
